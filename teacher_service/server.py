@@ -1,0 +1,114 @@
+"""Wiring of the teacher service: gRPC server, health, reflection, metrics, engine, drain.
+
+Start-up: the gRPC server starts first with health NOT_SERVING (so orchestrators see it is
+alive but loading), the engine loads, then health turns SERVING. SIGTERM/SIGINT: health goes
+NOT_SERVING, new work is refused with UNAVAILABLE, in-flight requests get up to
+``server.grace_seconds`` to finish, then the server stops and the engine shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.metrics import start_metrics_server
+from common.stubs import teacher_pb2 as pb
+from common.stubs import teacher_pb2_grpc as pb_grpc
+from common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from teacher_service.config import TeacherConfig
+from teacher_service.engine import build_engine
+from teacher_service.scoring import REQUEST_OVERHEAD_BYTES, Admission, Limits
+from teacher_service.servicer import TeacherServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def serve(config: TeacherConfig) -> None:
+    """Run the teacher service until SIGTERM/SIGINT, then drain and return."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    admission = Admission(config.server.max_queued_positions)
+    servicer = TeacherServicer(admission)
+    health_servicer = health.aio.HealthServicer()
+    max_request_bytes = config.engine.max_model_len * 4 + REQUEST_OVERHEAD_BYTES
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_request_bytes),
+            ("grpc.max_send_message_length", config.server.max_message_bytes),
+        ]
+    )
+    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, _NOT_SERVING)
+    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    await server.start()
+    metrics_server = start_metrics_server(config.server.metrics_host, config.server.metrics_port)
+    logger.info("gRPC on %s:%d (NOT_SERVING while the %s engine loads)", config.server.host, port, config.engine.kind)
+
+    engine = None
+    try:
+        engine, fingerprint = await _load(config, stop)
+        if engine is not None:
+            servicer.ready(engine, _limits(config, engine), fingerprint)
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, _SERVING)
+            logger.info("SERVING %s (engine %s, tokenizer %s)", engine.info.model, engine.info.name, fingerprint[:12])
+            await stop.wait()
+        await _drain(config, admission, health_servicer, server)
+    finally:
+        if engine is not None:
+            await engine.shutdown()
+        metrics_server.shutdown()
+        logger.info("teacher stopped")
+
+
+async def _load(config: TeacherConfig, stop: asyncio.Event):
+    """Load engine and tokenizer fingerprint; returns (None, None) if stopped while loading."""
+    load = asyncio.ensure_future(build_engine(config.engine))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not load.done():
+        load.cancel()
+        return None, None
+    stopped.cancel()
+    engine = load.result()
+    tokenizer = await asyncio.to_thread(load_tokenizer, config.engine.tokenizer or config.engine.model)
+    return engine, tokenizer_fingerprint(tokenizer)
+
+
+def _limits(config: TeacherConfig, engine) -> Limits:
+    return Limits(
+        vocab_size=engine.info.vocab_size,
+        max_model_len=engine.info.max_model_len,
+        max_top_k=engine.info.max_top_k,
+        logprob_dtype=config.server.logprob_dtype,
+        max_message_bytes=config.server.max_message_bytes,
+    )
+
+
+async def _drain(config: TeacherConfig, admission: Admission, health_servicer, server: grpc.aio.Server) -> None:
+    grace = config.server.grace_seconds
+    logger.info("draining: NOT_SERVING, %d requests in flight, grace %.0f s", admission.requests, grace)
+    await health_servicer.enter_graceful_shutdown()
+    admission.draining = True
+    try:
+        await asyncio.wait_for(admission.wait_idle(), timeout=grace)
+    except TimeoutError:
+        logger.warning("grace period over with %d requests in flight; cancelling them", admission.requests)
+    await server.stop(grace=1.0)

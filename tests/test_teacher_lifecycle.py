@@ -1,0 +1,98 @@
+"""Start-up, drain on SIGTERM and stream cancellation of the teacher service."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.codec import pack_token_ids
+from common.stubs import teacher_pb2 as pb
+from common.teacher_client import TeacherClient
+from tests.conftest import start_teacher
+from tests.helpers import assert_matches_reference, random_ids, scrape_metrics
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health_statuses_until_serving(address: str, timeout: float) -> list[int]:
+    """Every distinct health status seen from the first answer until SERVING."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+            except grpc.RpcError:
+                time.sleep(0.1)
+                continue
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == SERVING:
+                return seen
+            time.sleep(0.1)
+    raise TimeoutError(f"not SERVING after {timeout} s; saw {seen}")
+
+
+def test_loading_then_serving_then_drain_on_sigterm(tmp_path_factory, tiny_models, reference):
+    teacher = start_teacher(tmp_path_factory, "drain", tiny_models, "engine.kind=vllm", "server.logprob_dtype=float32")
+    teacher.start()
+    try:
+        assert _health_statuses_until_serving(teacher.address, timeout=300) == [NOT_SERVING, SERVING]
+        sequences = [random_ids(3000, seed=s) for s in range(3)]
+        results, during_drain = asyncio.run(_drain_while_scoring(teacher, sequences))
+        assert teacher.proc.wait(timeout=120) == 0
+    finally:
+        teacher.stop()
+    assert during_drain["health"] == NOT_SERVING
+    assert during_drain["new_stream"] == grpc.StatusCode.UNAVAILABLE
+    for ids, topk in zip(sequences, results):  # in-flight work finished, complete and right
+        assert_matches_reference(topk, reference.logprobs(ids), ids)
+
+
+async def _drain_while_scoring(teacher, sequences):
+    async with TeacherClient(teacher.address) as client:
+        scoring = asyncio.create_task(client.score(sequences, 5, timeout=300))
+        while scrape_metrics(teacher.metrics_url).get(("teacher_inflight_requests", ()), 0) < len(sequences):
+            await asyncio.sleep(0.05)
+        teacher.proc.send_signal(signal.SIGTERM)
+        observed = {}
+        while (status := (await client.health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status) != NOT_SERVING:
+            await asyncio.sleep(0.05)
+        observed["health"] = status
+        try:
+            await client.score([np.arange(2, dtype=np.int32)], 1, timeout=30)
+        except grpc.aio.AioRpcError as e:
+            observed["new_stream"] = e.code()
+        return await scoring, observed
+
+
+def test_cancelled_stream_aborts_engine_work(vllm_teacher):
+    """A client that cancels mid-request frees its admission and is counted CANCELLED."""
+    ids = random_ids(6000, seed=21)
+    cancelled = ("teacher_requests_total", (("status", "CANCELLED"),))
+
+    async def run():
+        async with TeacherClient(vllm_teacher.address) as client:
+            before = scrape_metrics(vllm_teacher.metrics_url).get(cancelled, 0)
+            call = client.stub.Score(iter([pb.ScoreRequest(request_id="c", token_ids=pack_token_ids(ids), top_k=20)]))
+            while scrape_metrics(vllm_teacher.metrics_url).get(("teacher_inflight_requests", ()), 0) < 1:
+                await asyncio.sleep(0.02)
+            call.cancel()
+            deadline = time.monotonic() + 30
+            while scrape_metrics(vllm_teacher.metrics_url).get(cancelled, 0) < before + 1:
+                assert time.monotonic() < deadline, "cancelled request was never released"
+                await asyncio.sleep(0.05)
+            after = scrape_metrics(vllm_teacher.metrics_url)
+            assert after[("teacher_inflight_positions", ())] == 0
+            # The server is still healthy and answers the next request.
+            (topk,) = await client.score([ids[:100]], 3, timeout=60)
+            assert topk.num_positions == 99
+
+    asyncio.run(run())

@@ -1,0 +1,1 @@
+"""HyperLoRA distillation trainer (hypernetwork, LoRA injection, top-K KL, training loop)."""
