@@ -10,7 +10,7 @@ STUBS := common/stubs/teacher_pb2.py common/stubs/teacher_pb2_grpc.py
 TEACHER_CONFIG ?= deploy/configs/teacher.cpu.yaml
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: help setup proto models test demo clean
+.PHONY: help setup proto models data test demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ $(STUBS) &: $(PROTO) $(INSTALLED)
 
 models: setup ## build (once) the tiny teacher and student in .cache/tiny-models
 	$(PY) -m common.tiny_models
+
+data: models ## tokenize the fixture trajectories with the student's tokenizer (prints the summary)
+	$(PY) -m trainer.prepare_data --tokenizer .cache/tiny-models/student --source tests/fixtures/swe_rebench_sample.jsonl --max-length 8192
 
 test: setup proto ## run the test suite
 	$(PY) -m pytest -q
