@@ -10,7 +10,7 @@ STUBS := common/stubs/teacher_pb2.py common/stubs/teacher_pb2_grpc.py
 TEACHER_CONFIG ?= deploy/configs/teacher.cpu.yaml
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: help setup proto models data test demo clean
+.PHONY: help setup proto models data test demo teacher-demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,7 +40,10 @@ data: models ## tokenize the fixture trajectories with the student's tokenizer (
 test: setup proto ## run the test suite
 	$(PY) -m pytest -q
 
-demo: setup proto models ## start the teacher on the tiny model and score sample sequences
+demo: setup proto models ## the whole job on CPU: teacher service + torchrun x2 trainer, tiny models, fixture data
+	$(PY) -m trainer.demo
+
+teacher-demo: setup proto models ## only the teacher: score sample sequences, print positions/s and bytes/position
 	$(PY) -m teacher_service.demo --config $(TEACHER_CONFIG)
 
 clean: ## remove generated stubs and caches (keeps .venv)

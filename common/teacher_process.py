@@ -27,8 +27,9 @@ class TeacherProcess:
     """``python -m teacher_service`` on free loopback ports; ``with`` waits for SERVING and stops it."""
 
     def __init__(self, config: str | Path, overrides: list[str] = (), log_path: str | Path | None = None,
-                 startup_timeout: float = 300.0):
-        self.port = free_port()
+                 startup_timeout: float = 300.0, port: int | None = None):
+        """``port``: the gRPC port to bind (default: a free one), e.g. to restart a teacher in place."""
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"

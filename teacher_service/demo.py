@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16, help="sample sequences to score")
     parser.add_argument("--length", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--log", default=".cache/demo-teacher.log", help="teacher log file")
+    parser.add_argument("overrides", nargs="*", help="teacher config overrides, e.g. engine.kind=hf")
     args = parser.parse_args()
     setup_logging()
     models = ensure_tiny_models()
@@ -47,7 +48,7 @@ def main() -> None:
         rng.integers(0, len(tokenizer), args.length, dtype=np.int32) for _ in range(args.sequences - 1)
     ]
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    with TeacherProcess(args.config, log_path=args.log) as teacher:
+    with TeacherProcess(args.config, args.overrides, log_path=args.log) as teacher:
         asyncio.run(_score(teacher.address, sequences, args.top_k, tokenizer))
         logger.info("stopping the teacher (SIGTERM)")
     logger.info("teacher exited with %d; its log is %s", teacher.proc.returncode, args.log)

@@ -40,9 +40,11 @@ def reference(tiny_models):
     return Reference(tiny_models.teacher)
 
 
-def start_teacher(tmp_path_factory, name: str, tiny_models, *overrides: str) -> TeacherProcess:
+def start_teacher(tmp_path_factory, name: str, tiny_models, *overrides: str, port: int | None = None) -> TeacherProcess:
+    """A (not yet started) teacher on the tiny model with its log in a fresh temp dir."""
     log = tmp_path_factory.mktemp(name) / "teacher.log"
-    return TeacherProcess(TEACHER_CPU_CONFIG, [f"engine.model={tiny_models.teacher}", *overrides], log_path=log)
+    return TeacherProcess(TEACHER_CPU_CONFIG, [f"engine.model={tiny_models.teacher}", *overrides], log_path=log,
+                          port=port)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,133 @@
+"""Checkpoints with ``torch.distributed.checkpoint``: atomic, keep-last-N, ``resume: auto``.
+
+Layout of ``<dir>/step_000120/``: the DCP files of the sharded state (hypernetwork and
+optimizer), ``train_state_rank{r}.pt`` per rank (scheduler, data position, RNG, step) and
+``config.json`` (the resolved config). A checkpoint is written into ``step_000120.tmp/`` and
+renamed once every rank has finished, so a crash mid-write leaves only a ``.tmp`` directory,
+which is never loaded (and is removed by the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str = "runs/checkpoints"
+    """Directory holding ``step_XXXXXX/`` checkpoints."""
+    every_steps: int = 100
+    """Save every N optimizer steps (and at the end of training)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a successful save."""
+    resume: str = "auto"
+    """``auto``: latest complete checkpoint in ``dir`` if any; ``none``: start fresh; or a path."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+
+
+def complete_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first (``.tmp`` dirs are never complete)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(config: CheckpointConfig) -> Path | None:
+    if config.resume == "none":
+        return None
+    if config.resume == "auto":
+        found = complete_checkpoints(config.dir)
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"checkpoint.resume={config.resume!r} is not a complete checkpoint (no .metadata)")
+    return path
+
+
+class Checkpointer:
+    def __init__(self, config: CheckpointConfig, rank: int):
+        self.config = config
+        self.rank = rank
+        self.last_save_time: float | None = None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             train_state: dict[str, Any], resolved_config: dict[str, Any]) -> Path:
+        """Collective: every rank calls it. Returns the final checkpoint path."""
+        root = Path(self.config.dir)
+        final = root / f"step_{step:06d}"
+        tmp = root / f"step_{step:06d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(train_state, tmp / f"train_state_rank{self.rank}.pt")
+        if self.rank == 0:
+            (tmp / "config.json").write_text(json.dumps(resolved_config, indent=2))
+        _barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            self._prune(root)
+            logger.info("saved checkpoint %s", final)
+        _barrier()
+        self.last_save_time = time.time()
+        return final
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Collective: restores model and optimizer in place; returns this rank's train state."""
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        own = path / f"train_state_rank{self.rank}.pt"
+        if not own.is_file():
+            raise FileNotFoundError(f"{own} missing: checkpoint {path} was written with a different world size")
+        logger.info("resumed from %s", path)
+        return torch.load(own, weights_only=False)
+
+    def _prune(self, root: Path) -> None:
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in complete_checkpoints(root)[: -self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("removed old checkpoint %s", old)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

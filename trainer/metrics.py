@@ -1,0 +1,26 @@
+"""Every Prometheus metric of the trainer, declared once; each rank serves its own ``/metrics``
+(on ``metrics.port + rank``) and labels every sample with ``rank``."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+STEP = Gauge("trainer_step", "Optimizer steps completed.", ["rank"])
+LOSS = Gauge("trainer_loss", "Training loss of the last optimizer step (KL per assistant token).", ["rank"])
+KL = Gauge("trainer_kl", "Top-K KL per assistant token of the last optimizer step.", ["rank"])
+TOKENS_PER_SECOND = Gauge("trainer_tokens_per_second", "Tokens (all positions) per second of the last step.", ["rank"])
+TOKENS = Counter("trainer_tokens_total", "Tokens trained on.", ["rank"])
+STEP_SECONDS = Histogram("trainer_step_seconds", "Wall time of one optimizer step.", ["rank"], buckets=_STEP_BUCKETS)
+TEACHER_WAIT_SECONDS = Histogram(
+    "trainer_teacher_wait_seconds", "Time a micro-batch blocked waiting for the teacher's top-K.", ["rank"],
+    buckets=_WAIT_BUCKETS,
+)
+PREFETCH_DEPTH = Gauge("trainer_prefetch_queue_depth", "Batches submitted to the teacher ahead of the step.", ["rank"])
+TEACHER_RETRIES = Counter("trainer_teacher_retries_total", "Teacher requests resubmitted after a failure.", ["rank"])
+GRAD_NORM = Gauge("trainer_grad_norm", "Hypernetwork gradient norm before clipping.", ["rank"])
+LEARNING_RATE = Gauge("trainer_learning_rate", "Current learning rate.", ["rank"])
+LORA_NORM = Gauge("trainer_lora_norm", "Mean norm of the generated LoRA by module type and factor.",
+                  ["rank", "module", "factor"])
+LAST_CHECKPOINT = Gauge("trainer_last_checkpoint_timestamp_seconds", "Unix time of the last saved checkpoint.", ["rank"])
+PHASE = Gauge("trainer_phase_index", "Index of the current training phase in the config's phase list.", ["rank"])

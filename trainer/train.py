@@ -1,0 +1,306 @@
+"""The distillation job: ``Trainer.setup / train / train_step / close``.
+
+One optimizer step = ``optim.accumulation_steps`` micro-batches per rank. For each micro-batch
+the teacher's top-K arrives through the prefetching client (requested N batches ahead); the
+hypernetwork turns each prompt into LoRA factors; the frozen student runs with them inside
+``hyper_lora``; the top-K KL over assistant positions, normalised by the assistant-token count
+of the whole window on all ranks, is back-propagated into the hypernetwork only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM
+
+from common.config import config_to_dict
+from common.metrics import start_metrics_server
+from common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from trainer import metrics
+from trainer.checkpoint import Checkpointer, resolve_resume
+from trainer.config import PhaseConfig, TrainerConfig
+from trainer.data_loading import PhaseData, load_phase_data
+from trainer.distributed import all_reduce_sum, close_distributed, init_distributed
+from trainer.hypernetwork import build_hyper_lora
+from trainer.lora import hyper_lora, lora_norms
+from trainer.loss import topk_kl_loss
+from trainer.sampler import Batch
+from trainer.teacher_client import TeacherClient
+from trainer.tracking import RunLog
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    tokens: int
+    assistant_tokens: int
+    grad_norm: float
+    teacher_wait: float
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig):
+        self.config = config
+        self.step = 0
+        self.phase_index = 0
+        self.phase_step = 0
+        self._steps_this_run = 0
+        self._data: PhaseData | None = None
+
+    # ---- set-up -------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.config
+        self.dist = init_distributed()
+        _seed_everything(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.student.path)
+        self.student, self.hyper = self._setup_models()
+        self.optimizer = torch.optim.AdamW(
+            self.hyper.parameters(), lr=cfg.phases[0].lr, betas=tuple(cfg.optim.betas),
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.teacher = TeacherClient(cfg.teacher)
+        self.teacher.start(self.student.config.vocab_size, tokenizer_fingerprint(self.tokenizer))
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.dist.rank)
+        self.run_log = RunLog(cfg, self.dist.rank)
+        self.sampler_state = None
+        resume = resolve_resume(cfg.checkpoint)
+        if resume is not None:
+            self._restore(self.checkpointer.load(resume, self.hyper, self.optimizer))
+        self.metrics_server = None
+        if cfg.metrics.port:
+            self.metrics_server = start_metrics_server(cfg.metrics.host, cfg.metrics.port + self.dist.rank)
+
+    def _setup_models(self):
+        cfg, device = self.config, self.dist.device
+        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+                 "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.student.dtype]
+        # Loaded on the host, then sharded layer by layer: a rank's device never holds the
+        # whole student (80B parameters in bf16 do not fit one H200).
+        student = AutoModelForCausalLM.from_pretrained(cfg.student.path, dtype=dtype).eval()
+        torch.manual_seed(cfg.seed)  # identical hypernetwork init on every rank
+        hyper = build_hyper_lora(cfg.hypernetwork, student)
+        if cfg.student.gradient_checkpointing:
+            from trainer.lora import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(student)
+        # Decoder layers are sharded; the frozen embedding and LM head stay replicated, because
+        # the hypernetwork and the chunked loss call them outside the student's forward.
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in student.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(hyper, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+        return student.to(device), hyper.to(device)
+
+    def _restore(self, state: dict) -> None:
+        self.step, self.phase_index, self.phase_step = state["step"], state["phase_index"], state["phase_step"]
+        self.sampler_state = state["sampler"]
+        _set_rng_state(state["rng"])
+
+    # ---- training -----------------------------------------------------------------------
+    def train(self) -> None:
+        """Every phase from the resumed position on; held-out KL before (fresh runs) and after."""
+        if self.config.eval.held_out and self.step == 0:
+            self.run_log.eval(self.step, self.evaluate())
+        for index in range(self.phase_index, len(self.config.phases)):
+            phase = self.config.phases[index]
+            if index != self.phase_index:
+                self.phase_index, self.phase_step, self.sampler_state = index, 0, None
+            data = self._data = load_phase_data(self.config, phase, self.tokenizer, self.dist)
+            if self.sampler_state is not None:
+                data.sampler.load_state_dict(self.sampler_state)
+            if not self._run_phase(phase, data):
+                logger.info("stopping after %d steps in this run (stop_after_steps)", self._steps_this_run)
+                self.save_checkpoint()
+                return
+        self.save_checkpoint()
+        if self.config.eval.held_out:
+            self.run_log.eval(self.step, self.evaluate())
+
+    def _run_phase(self, phase: PhaseConfig, data: PhaseData) -> bool:
+        """Train the rest of ``phase``; False when ``stop_after_steps`` ended it early."""
+        accumulation = self.config.optim.accumulation_steps
+        total = data.total_steps(phase, accumulation)
+        metrics.PHASE.labels(rank=self.dist.rank).set(self.phase_index)
+        logger.info("phase %r begins at step %d (phase step %d of %d, epoch %d, lr %.2e, max_length %d)",
+                    phase.name, self.step, self.phase_step, total, data.sampler.epoch, phase.lr, data.max_length)
+        batches = data.batches((total - self.phase_step) * accumulation)
+        window, started = [], time.perf_counter()
+        for (batch, sampler_state), topk, waited in self.teacher.prefetch(batches, _teacher_sequences):
+            window.append((batch, topk, waited))
+            if len(window) < accumulation:
+                continue
+            self._set_lr(phase, total)
+            stats = self.train_step(window)
+            # Step time is wall time since the previous step ended: teacher waits included.
+            stats.seconds = time.perf_counter() - started
+            self.step, self.phase_step, self.sampler_state = self.step + 1, self.phase_step + 1, sampler_state
+            for trained, _, _ in window:
+                self.run_log.batch(self.step, trained.trajectory_ids)
+            window = []
+            self._after_step(phase, stats)
+            self._steps_this_run += 1
+            if self._steps_this_run == self.config.stop_after_steps:
+                return False
+            started = time.perf_counter()
+        return True
+
+    def train_step(self, window: list[tuple[Batch, list, float]]) -> StepStats:
+        """One optimizer step over ``window`` = [(batch, teacher top-K per sequence, wait seconds)]."""
+        start = time.perf_counter()
+        device, world = self.dist.device, self.dist.world_size
+        prepared = [_teacher_tensors(batch, topk, device) for batch, topk, _ in window]
+        counts = [int(mask.sum()) for _, _, mask in prepared]
+        tokens = sum(int(b.attention_mask.sum()) for b, _, _ in window)
+        window_tokens, global_tokens = all_reduce_sum([sum(counts), tokens], device)
+        loss_sum = 0.0
+        for i, ((batch, _, _), (ids, logprobs, mask)) in enumerate(zip(window, prepared)):
+            self.hyper.set_requires_gradient_sync(i == len(window) - 1)
+            loss = self._loss(batch, ids, logprobs, mask, max(window_tokens, 1.0))
+            # FSDP averages gradients over ranks; the loss is already a global mean.
+            (loss * world).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.hyper.parameters(), self.config.optim.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (global_loss,) = all_reduce_sum([loss_sum], device)
+        return StepStats(global_loss, int(global_tokens), int(window_tokens), grad_norm,
+                         sum(w for _, _, w in window), time.perf_counter() - start)
+
+    def _loss(self, batch: Batch, teacher_ids, teacher_logprobs, mask, num_tokens: float) -> torch.Tensor:
+        device = self.dist.device
+        lora = self.hyper(batch.prompt_ids.to(device), batch.prompt_mask.to(device))
+        self._last_lora = lora
+        input_ids = batch.input_ids.to(device)
+        with hyper_lora(self.student, lora, seq_len=input_ids.shape[1]):
+            hidden = self.student.model(input_ids=input_ids, attention_mask=batch.attention_mask.to(device),
+                                        use_cache=False).last_hidden_state
+        return topk_kl_loss(
+            hidden[:, :-1], self.student.get_output_embeddings(), teacher_ids, teacher_logprobs, mask, num_tokens,
+            temperature=self.config.optim.temperature, mode=self.config.optim.loss,
+            chunk_size=self.config.optim.logits_chunk_positions,
+        )
+
+    def _set_lr(self, phase: PhaseConfig, total: int) -> None:
+        lr = phase_lr(phase, self.phase_step, total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._lr = lr
+
+    def _after_step(self, phase: PhaseConfig, stats: StepStats) -> None:
+        cfg = self.config
+        record = {
+            "step": self.step, "phase": phase.name, "loss": stats.loss, "lr": self._lr,
+            "grad_norm": stats.grad_norm, "tokens": stats.tokens, "assistant_tokens": stats.assistant_tokens,
+            "tokens_per_s": stats.tokens / stats.seconds, "step_s": stats.seconds, "teacher_wait_s": stats.teacher_wait,
+        }
+        self._export_metrics(stats)
+        if self.step % cfg.metrics.log_every_steps == 0:
+            # lora_norms syncs the device: only at the logging interval.
+            norms = lora_norms(self._last_lora)
+            for module, values in norms.items():
+                for factor, value in values.items():
+                    metrics.LORA_NORM.labels(rank=self.dist.rank, module=module, factor=factor).set(value)
+            self.run_log.step(record, norms)
+        if self.step % cfg.checkpoint.every_steps == 0:
+            self.save_checkpoint()
+        if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+            self.run_log.eval(self.step, self.evaluate())
+
+    def _export_metrics(self, stats: StepStats) -> None:
+        r = self.dist.rank
+        metrics.STEP.labels(rank=r).set(self.step)
+        metrics.LOSS.labels(rank=r).set(stats.loss)
+        metrics.KL.labels(rank=r).set(stats.loss)
+        metrics.TOKENS.labels(rank=r).inc(stats.tokens)
+        metrics.TOKENS_PER_SECOND.labels(rank=r).set(stats.tokens / stats.seconds)
+        metrics.STEP_SECONDS.labels(rank=r).observe(stats.seconds)
+        metrics.TEACHER_WAIT_SECONDS.labels(rank=r).observe(stats.teacher_wait)
+        metrics.GRAD_NORM.labels(rank=r).set(stats.grad_norm)
+        metrics.LEARNING_RATE.labels(rank=r).set(self._lr)
+        metrics.PREFETCH_DEPTH.labels(rank=r).set(self.teacher.prefetch_depth)
+
+    # ---- evaluation and checkpoints -----------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean top-K KL per assistant token over the held-out examples (all ranks)."""
+        data = self._data or load_phase_data(self.config, self.config.phases[self.phase_index], self.tokenizer, self.dist)
+        total, count = 0.0, 0.0
+        for (batch, weight), topk, _ in self.teacher.prefetch(data.held_out_batches(), _teacher_sequences):
+            ids, logprobs, mask = _teacher_tensors(batch, topk, self.dist.device)
+            total += weight * float(self._loss(batch, ids, logprobs, mask, 1.0))
+            count += weight * int(mask.sum())
+        total, count = all_reduce_sum([total, count], self.dist.device)
+        return total / max(count, 1.0)
+
+    def save_checkpoint(self) -> None:
+        state = {"step": self.step, "phase_index": self.phase_index, "phase_step": self.phase_step,
+                 "sampler": self.sampler_state, "rng": _rng_state()}
+        self.checkpointer.save(self.step, self.hyper, self.optimizer, state, config_to_dict(self.config))
+        metrics.LAST_CHECKPOINT.labels(rank=self.dist.rank).set(self.checkpointer.last_save_time)
+
+    def close(self) -> None:
+        if getattr(self, "teacher", None) is not None:
+            self.teacher.close()
+        if getattr(self, "run_log", None) is not None:
+            self.run_log.close()
+        if getattr(self, "metrics_server", None) is not None:
+            self.metrics_server.shutdown()
+        close_distributed()
+
+
+def phase_lr(phase: PhaseConfig, step: int, total: int) -> float:
+    """Linear warmup to ``phase.lr`` then cosine to ``phase.lr * min_lr_ratio`` at ``total``."""
+    if step < phase.warmup_steps:
+        return phase.lr * (step + 1) / phase.warmup_steps
+    progress = min(1.0, (step - phase.warmup_steps) / max(1, total - phase.warmup_steps))
+    floor = phase.lr * phase.min_lr_ratio
+    return floor + (phase.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _teacher_sequences(item) -> list[np.ndarray]:
+    """The unpadded token ids of each example of a micro-batch (what the teacher scores)."""
+    batch = item[0] if isinstance(item, tuple) else item
+    lengths = batch.attention_mask.sum(1).tolist()
+    return [batch.input_ids[row, :n].numpy().astype(np.int32) for row, n in enumerate(lengths)]
+
+
+def _teacher_tensors(batch: Batch, topk: list, device: torch.device):
+    """Teacher top-K per example -> ids int64 [B, T-1, K], logprobs float32 [B, T-1, K] and
+    mask bool [B, T-1] (position t counts when token t+1 is an assistant token)."""
+    rows, width = batch.input_ids.shape
+    k = topk[0].top_k
+    ids = torch.zeros(rows, width - 1, k, dtype=torch.int64)
+    logprobs = torch.zeros(rows, width - 1, k, dtype=torch.float32)
+    for row, result in enumerate(topk):
+        n = result.num_positions
+        ids[row, :n] = torch.from_numpy(result.ids.astype(np.int64))
+        logprobs[row, :n] = torch.from_numpy(result.logprobs)
+    mask = batch.loss_mask[:, 1:].clone()
+    return ids.to(device), logprobs.to(device), mask.to(device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
