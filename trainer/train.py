@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 
@@ -76,6 +77,10 @@ class Trainer:
         resume = resolve_resume(cfg.checkpoint)
         if resume is not None:
             self._restore(self.checkpointer.load(resume, self.hyper, self.optimizer))
+            metrics.LAST_CHECKPOINT.labels(rank=self.dist.rank).set(self.checkpointer.last_save_time)
+        # SIGTERM (docker stop, preemption): finish the step, checkpoint, exit 0.
+        self._sigterm = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.metrics_server = None
         if cfg.metrics.port:
             self.metrics_server = start_metrics_server(cfg.metrics.host, cfg.metrics.port + self.dist.rank)
@@ -101,6 +106,17 @@ class Trainer:
         fully_shard(hyper, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
         return student.to(device), hyper.to(device)
 
+    def _on_sigterm(self, signum, frame) -> None:
+        logger.warning("SIGTERM: checkpointing after the current step, then exiting")
+        self._sigterm = True
+
+    def _should_stop(self) -> bool:
+        """``stop_after_steps`` reached, or SIGTERM on any rank (agreed on by all ranks)."""
+        if self._steps_this_run == self.config.stop_after_steps:
+            return True
+        (signalled,) = all_reduce_sum([float(self._sigterm)], self.dist.device)
+        return signalled > 0
+
     def _restore(self, state: dict) -> None:
         self.step, self.phase_index, self.phase_step = state["step"], state["phase_index"], state["phase_step"]
         self.sampler_state = state["sampler"]
@@ -119,7 +135,7 @@ class Trainer:
             if self.sampler_state is not None:
                 data.sampler.load_state_dict(self.sampler_state)
             if not self._run_phase(phase, data):
-                logger.info("stopping after %d steps in this run (stop_after_steps)", self._steps_this_run)
+                logger.info("stopping after %d steps in this run (stop_after_steps or SIGTERM)", self._steps_this_run)
                 self.save_checkpoint()
                 return
         self.save_checkpoint()
@@ -149,7 +165,7 @@ class Trainer:
             window = []
             self._after_step(phase, stats)
             self._steps_this_run += 1
-            if self._steps_this_run == self.config.stop_after_steps:
+            if self._should_stop():
                 return False
             started = time.perf_counter()
         return True

@@ -1,0 +1,30 @@
+# The trainer on PyTorch's CUDA image: torch comes from the base and a constraint keeps it exactly
+# (the trainer needs neither extra: `cpu` would pin a CPU torch, `gpu` is vLLM for the teacher).
+# Build from the repository root (compose does): docker build -f deploy/trainer.Dockerfile .
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ARG APP_UID=10001
+ENV PYTHONUNBUFFERED=1
+
+WORKDIR /app
+COPY . .
+RUN python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/base.txt \
+ && python -m pip install --no-cache-dir -c /tmp/base.txt -e . grpcio-tools==1.85.1 \
+ && python -m grpc_tools.protoc -Icommon/stubs=protos/hyperdistill/teacher/v1 --python_out=. --pyi_out=. \
+      --grpc_python_out=. protos/hyperdistill/teacher/v1/teacher.proto \
+ && python -m pip uninstall -y grpcio-tools \
+ && python -c 'import torch, trainer.train; assert torch.version.cuda, "a CUDA build of torch is needed"'
+
+# Non-root; compose mounts /cache (model cache), /data (tokenized data) and /checkpoints
+# (checkpoints, run logs, offline wandb): chown the host directories to APP_UID.
+RUN useradd --uid ${APP_UID} --user-group --create-home --shell /usr/sbin/nologin hyperdistill \
+ && install -d -o hyperdistill -g hyperdistill /cache /data /checkpoints
+# Model and compile caches on the mounted volume, so they outlive the container.
+ENV HF_HOME=/cache/huggingface \
+    XDG_CACHE_HOME=/cache \
+    TRITON_CACHE_DIR=/cache/triton
+USER hyperdistill
+
+# No CMD: compose runs `torchrun --nproc_per_node N -m trainer --config ...` with N from the layout
+# (deploy/cluster.yaml), and /metrics on metrics.port + rank.
