@@ -53,8 +53,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     ) -> AsyncIterator[pb.ScoreChunk]:
         if self._engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "teacher is loading its model")
-        if self._admission.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "teacher is draining; retry on another teacher")
+        # While draining, the stream's first request is refused with UNAVAILABLE by admission
+        # (after it has been read: aborting before reading races the client's write).
         metrics.ACTIVE_STREAMS.inc()
         try:
             async for chunk in StreamScorer(self._engine, self._admission, self._limits).run(request_iterator):
