@@ -10,7 +10,7 @@ STUBS := common/stubs/teacher_pb2.py common/stubs/teacher_pb2_grpc.py
 TEACHER_CONFIG ?= deploy/configs/teacher.cpu.yaml
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: help setup proto models data test demo teacher-demo clean
+.PHONY: help setup proto models data test demo teacher-demo bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ demo: setup proto models ## the whole job on CPU: teacher service + torchrun x2 
 
 teacher-demo: setup proto models ## only the teacher: score sample sequences, print positions/s and bytes/position
 	$(PY) -m teacher_service.demo --config $(TEACHER_CONFIG)
+
+bench: setup proto models ## benchmarks P1-P6 (issue 7), ~10 min: runs/bench/report.md and report.json
+	$(PY) -m tests.bench.run --out runs/bench
 
 clean: ## remove generated stubs and caches (keeps .venv)
 	rm -rf common/stubs/*_pb2*.py* .cache .pytest_cache

@@ -169,7 +169,7 @@ class LargestVocabTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("chunk_size", [16, 10_000])
 def test_peak_logits_bounded_by_chunk(chunk_size):
-    """Forward and backward (recompute) never hold more than [chunk_size, V] at once."""
+    """Forward holds at most [chunk_size, V] at once; backward touches nothing of vocabulary size."""
     hidden, weight, _, ids, logprobs, _ = make_case(5, batch=2, seq=48, hidden_dim=8)
     mask = torch.ones(2, 48, dtype=torch.bool)
     forward, backward = LargestVocabTensor(), LargestVocabTensor()
@@ -177,8 +177,42 @@ def test_peak_logits_bounded_by_chunk(chunk_size):
         loss = topk_kl_loss(hidden, weight, ids, logprobs, mask, 96, chunk_size=chunk_size)
     with backward:
         loss.backward()
-    bound = min(chunk_size, 96) * V
-    assert forward.largest == bound and backward.largest == bound
+    assert forward.largest == min(chunk_size, 96) * V and backward.largest == 0
+
+
+def test_renorm_never_computes_vocabulary_logits():
+    hidden, weight, _, ids, logprobs, mask = make_case(5, seed=9)
+    seen = LargestVocabTensor()
+    with seen:
+        topk_kl_loss(hidden, weight, ids, logprobs, mask, 1, mode="renorm").backward()
+    assert seen.largest == 0 and hidden.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["tail", "renorm"])
+def test_trainable_head_gets_reference_gradient(mode):
+    hidden, weight, _, ids, logprobs, mask = make_case(5, seed=10)
+    weight.requires_grad_()
+    loss = topk_kl_loss(hidden, weight, ids, logprobs, mask, 4, temperature=2.0, mode=mode, chunk_size=3)
+    got = torch.autograd.grad(loss, [hidden, weight])
+    want = torch.autograd.grad(naive_bucket_kl(hidden, weight, ids, logprobs, mask, 4, 2.0, mode), [hidden, weight])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_no_grad_gives_the_same_value_and_no_graph():
+    hidden, weight, _, ids, logprobs, mask = make_case(5, seed=11)
+    with torch.no_grad():
+        value = topk_kl_loss(hidden, weight, ids, logprobs, mask, 3, chunk_size=2)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, topk_kl_loss(hidden, weight, ids, logprobs, mask, 3, chunk_size=2).detach())
+
+
+def test_scales_with_the_upstream_gradient():
+    hidden, weight, _, ids, logprobs, mask = make_case(5, seed=12)
+    (once,) = torch.autograd.grad(topk_kl_loss(hidden, weight, ids, logprobs, mask, 1), hidden)
+    (thrice,) = torch.autograd.grad(3 * topk_kl_loss(hidden, weight, ids, logprobs, mask, 1), hidden)
+    torch.testing.assert_close(thrice, 3 * once)
 
 
 def test_no_counted_positions_gives_connected_zero():
@@ -206,3 +240,5 @@ def test_bad_arguments():
         topk_kl_loss(hidden, weight, ids[..., :2], logprobs, mask, 1)
     with pytest.raises(ValueError, match="hidden"):
         topk_kl_loss(hidden[0], weight, ids, logprobs, mask, 1)
+    with pytest.raises(ValueError, match="bias-free"):
+        topk_kl_loss(hidden, nn.Linear(H, V), ids, logprobs, mask, 1)
