@@ -27,8 +27,10 @@ class EngineInfo:
 class TeacherEngine(Protocol):
     info: EngineInfo
 
-    async def score(self, request_id: str, token_ids: np.ndarray, top_k: int) -> TopK:
+    async def score(self, request_id: str, token_ids: np.ndarray, top_k: int, priority: int = 0) -> TopK:
         """Top-K log-probs of ``token_ids: int32 [T]`` at positions 0..T-2 (P = T - 1).
+
+        Waiting requests are started lowest ``priority`` first, equal ones in arrival order.
 
         Cancelling the awaiting task aborts the engine work for ``request_id``.
         """

@@ -1,7 +1,7 @@
 """transformers engine: batched forward, log-softmax and top-K in position chunks.
 
-Concurrent requests are gathered into one padded forward under a token budget
-(``engine.max_num_batched_tokens`` counts padded tokens). The LM head runs on at most
+Concurrent requests are gathered, lowest ``priority`` first (then oldest), into one padded
+forward under a token budget (``engine.max_num_batched_tokens`` counts padded tokens). The LM head runs on at most
 ``engine.logits_chunk_positions`` positions at a time, so ``[T, V]`` float32 never exists whole.
 """
 
@@ -29,6 +29,7 @@ _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
 class _Pending:
     token_ids: np.ndarray
     top_k: int
+    priority: int
     future: asyncio.Future = field(repr=False)
 
 
@@ -55,9 +56,9 @@ class HFEngine:
         logger.info("hf engine ready: %s (vocab %d, max_model_len %d)", config.model, vocab_size, max_len)
         return cls(config, model, info)
 
-    async def score(self, request_id: str, token_ids: np.ndarray, top_k: int) -> TopK:
+    async def score(self, request_id: str, token_ids: np.ndarray, top_k: int, priority: int = 0) -> TopK:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(token_ids, top_k, future))
+        self._pending.append(_Pending(token_ids, top_k, priority, future))
         metrics.QUEUED_POSITIONS.inc(len(token_ids) - 1)
         self._wake.set()
         # Cancelling the caller cancels the future; the batcher skips cancelled entries, and a
@@ -89,8 +90,9 @@ class HFEngine:
                         pending.future.set_result(result)
 
     def _take_batch(self) -> list[_Pending]:
-        """Oldest live requests whose padded size fits the token budget (at least one)."""
-        self._pending = [p for p in self._pending if not p.future.done()]
+        """Live requests, lowest priority then oldest first, whose padded size fits the token budget (at least one)."""
+        # A stable sort: equal priorities keep their arrival order.
+        self._pending = sorted((p for p in self._pending if not p.future.done()), key=lambda p: p.priority)
         metrics.QUEUED_POSITIONS.set(sum(len(p.token_ids) - 1 for p in self._pending))
         batch: list[_Pending] = []
         longest = 0

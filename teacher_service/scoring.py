@@ -183,7 +183,7 @@ class StreamScorer:
         rid, positions, start = request.request_id, len(ids) - 1, time.perf_counter()
         status = "CANCELLED"
         try:
-            topk = await self._engine.score(rid, ids, request.top_k)
+            topk = await self._engine.score(rid, ids, request.top_k, request.priority)
             metrics.ENGINE_LATENCY.observe(time.perf_counter() - start)
             per_chunk = self._limits.chunk_positions(request.top_k)
             for chunk in encode_chunks(rid, topk, self._limits.logprob_dtype, per_chunk):

@@ -48,6 +48,8 @@ class VllmEngine:
             enforce_eager=config.enforce_eager,
             # Prompt log-probs bypass the prefix cache; caching only costs memory here.
             enable_prefix_caching=False,
+            # Waiting requests start lowest `priority` first (ties: arrival order, i.e. FCFS).
+            scheduling_policy="priority",
         )
         llm = AsyncLLM.from_engine_args(args)
         model_config = llm.model_config
@@ -56,7 +58,7 @@ class VllmEngine:
                     config.model, info.vocab_size, info.max_model_len, config.tensor_parallel_size, config.quantization)
         return cls(config, llm, info)
 
-    async def score(self, request_id: str, token_ids: np.ndarray, top_k: int) -> TopK:
+    async def score(self, request_id: str, token_ids: np.ndarray, top_k: int, priority: int = 0) -> TopK:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True)
@@ -64,7 +66,7 @@ class VllmEngine:
         # Request ids are unique per stream only; vLLM needs them unique per engine.
         engine_id = f"{request_id}-{uuid.uuid4().hex[:12]}"
         final = None
-        async for output in self._llm.generate(prompt, params, engine_id):
+        async for output in self._llm.generate(prompt, params, engine_id, priority=priority):
             final = output
         return _to_topk(final.prompt_logprobs, len(token_ids), top_k)
 

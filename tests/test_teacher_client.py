@@ -176,6 +176,34 @@ def test_leaving_the_loop_early_cancels_prefetched_batches(teacher_a, fingerprin
         assert_batch(client.submit("after", batches["batch-1"]).result(timeout=60), expected["batch-1"])
 
 
+def test_ranks_sharing_a_teacher_each_get_their_next_batch_first(teacher_a, fingerprint):
+    """Rank 1 starts its prefetch while rank 0's whole window (5 long batches) is queued: the
+    position of a batch in its run is its priority, so rank 1's first batch is scored before
+    rank 0's batches 3 and 4 (first come, first served, it would be scored after all five)."""
+    long_batches = [[random_ids(1500, seed=700 + b)] for b in range(6)]  # one engine step each
+    yielded: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def rank(r: int, clients: list) -> None:
+        with make_client([teacher_a.address], fingerprint, prefetch_batches=4) as client:
+            clients.append(client)
+            for index, (_, topk, _) in enumerate(client.prefetch(range(6), long_batches.__getitem__)):
+                assert topk[0].num_positions == 1499
+                with lock:
+                    yielded.append((r, index))
+
+    clients: list = []
+    first = threading.Thread(target=rank, args=(0, clients))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not (clients and clients[0].prefetch_depth >= 4) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rank(1, [])
+    first.join(timeout=120)
+    assert not first.is_alive()
+    assert yielded.index((1, 0)) < yielded.index((0, 3))
+
+
 @pytest.mark.parametrize("case", ["fingerprint", "vocab", "top_k"])
 def test_start_refuses_a_teacher_that_does_not_fit(teacher_a, fingerprint, case):
     vocab, student_fp, top_k = VOCAB, fingerprint, TOP_K

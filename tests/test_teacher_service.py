@@ -171,6 +171,35 @@ def test_full_queue_is_resource_exhausted(hf_teacher):
     assert topk.num_positions == 19
 
 
+@pytest.mark.parametrize("teacher", ["hf_teacher", "vllm_teacher"])
+def test_waiting_requests_start_lowest_priority_first(request, reference, teacher):
+    """a..d (priority 9) then e (priority 0), each too long to share an engine step: e is scored
+    before c and d (hf: before b too), and a..d keep their arrival order."""
+    address = request.getfixturevalue(teacher).address
+    length = {"hf_teacher": 1500, "vllm_teacher": 3000}[teacher]  # > half of max_num_batched_tokens (2048)
+    plan = {rid: (random_ids(length, seed=40 + i), 9 if rid != "e" else 0) for i, rid in enumerate("abcde")}
+
+    async def run():
+        async with TeacherClient(address) as client:
+            requests = [pb.ScoreRequest(request_id=rid, token_ids=pack_token_ids(ids), top_k=3, priority=priority)
+                        for rid, (ids, priority) in plan.items()]
+            assemblers = {rid: TopKAssembler(length - 1, 3) for rid in plan}
+            order, done = [], {}
+            async for chunk in client.stub.Score(iter(requests), timeout=300):
+                if assemblers[chunk.request_id].add(chunk):
+                    order.append(chunk.request_id)
+                    done[chunk.request_id] = assemblers[chunk.request_id].result()
+            return order, done
+
+    order, done = asyncio.run(run())
+    assert [rid for rid in order if rid != "e"] == list("abcd")
+    assert order.index("e") < order.index("c")
+    if teacher == "hf_teacher":
+        assert order.index("e") < order.index("b")
+    ids = plan["e"][0]
+    assert_matches_reference(done["e"], reference.logprobs(ids), ids, rtol=2.0**-11 if teacher == "hf_teacher" else 0.0)
+
+
 def test_get_info_names_model_and_tokenizer(vllm_teacher, tiny_models):
     async def run():
         async with TeacherClient(vllm_teacher.address) as client:

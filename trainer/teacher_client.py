@@ -145,6 +145,7 @@ class _Job:
 
     key: Hashable
     serial: int
+    priority: int
     future: concurrent.futures.Future
     requests: list[_Request] = field(default_factory=list)
     results: list[TopK | None] = field(default_factory=list)
@@ -256,12 +257,13 @@ class TeacherClient:
             raise
         self._max_len = min(info.max_model_len for info in self.infos.values())
 
-    def submit(self, key: Hashable, sequences: Sequence[np.ndarray]) -> concurrent.futures.Future:
+    def submit(self, key: Hashable, sequences: Sequence[np.ndarray], priority: int = 0) -> concurrent.futures.Future:
         """Queue one batch without blocking; the future gets ``list[TopK]``, one per sequence.
 
         sequences: int [T_i] each, 2 <= T_i <= the teachers' max_model_len; the i-th result
         is ``TopK`` [T_i - 1, top_k]. ``key`` names the batch until ``result(key)`` or
-        ``cancel(key)`` collects it. Cancelling the future drops the batch's work.
+        ``cancel(key)`` collects it. Cancelling the future drops the batch's work. The
+        teacher starts waiting work lowest ``priority`` first, across all its clients.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
@@ -271,7 +273,7 @@ class TeacherClient:
                 raise ValueError(f"batch key {key!r} is already submitted and not yet collected")
             packed = [self._pack(key, i, seq) for i, seq in enumerate(sequences)]
             self._futures[key] = future
-            job = _Job(key=key, serial=next(self._serials), future=future)
+            job = _Job(key=key, serial=next(self._serials), priority=priority, future=future)
         job.requests = [_Request(job, i, data, len(data) // 4 - 1) for i, data in enumerate(packed)]
         job.results, job.remaining = [None] * len(packed), len(packed)
         future.add_done_callback(lambda f: self._on_future_done(job, f))
@@ -498,7 +500,7 @@ class TeacherClient:
         request.timer = self._loop.call_later(
             self.config.request_timeout_seconds, self._on_deadline, stream, request.rid)
         stream.queue.put_nowait(pb.ScoreRequest(
-            request_id=request.rid, token_ids=request.token_ids, top_k=self.config.top_k))
+            request_id=request.rid, token_ids=request.token_ids, top_k=self.config.top_k, priority=job.priority))
 
     def _on_deadline(self, stream: _Stream, rid: str) -> None:
         """An attempt missed its deadline: fail its stream (cancelling it aborts the teacher's work)."""
@@ -645,7 +647,9 @@ class Prefetcher(Generic[B]):
     Made by ``TeacherClient.prefetch``. Iterating yields every batch of ``batches`` once, in
     order, with its ``list[TopK]`` (one per sequence of ``to_sequences(batch)``, int [T_i]
     each) and the seconds spent waiting for it. Leaving the loop early cancels the batches
-    already submitted. Keys are generated here, so several prefetchers (training and
+    already submitted. A batch's priority is its position in ``batches``: ranks that step
+    together share a teacher fairly, each rank's next batch ahead of anyone's prefetch (without
+    it, one rank's first batch queues behind another rank's whole prefetch window). Keys are generated here, so several prefetchers (training and
     evaluation) can share one client.
     """
 
@@ -681,7 +685,7 @@ class Prefetcher(Generic[B]):
         while len(self._queue) < size and (item := next(batches, None)) is not None:
             index, batch = item
             key = f"{self._prefix}.{index}"
-            self.client.submit(key, self._to_sequences(batch))
+            self.client.submit(key, self._to_sequences(batch), priority=index)
             self._queue.append((batch, key))
 
 
