@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from filelock import FileLock
 from transformers import (
     GenerationConfig,
     PreTrainedModel,
@@ -121,7 +121,9 @@ def ensure_tiny_models(cache_dir: str | Path | None = None, force: bool = False)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     models = TinyModels(teacher=root / "teacher", student=root / "student")
     key = build_key()
-    with _locked(root):
+    # One build even when test workers or ranks ask at once.
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.lock"):
         if not force and _stamp_key(root) == key:
             log.debug("tiny models up to date in %s", root)
             return models
@@ -218,17 +220,6 @@ def _stamp_key(root: Path) -> str | None:
     except (OSError, ValueError, KeyError):
         return None
 
-
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock so that concurrent callers (test workers) build once."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,6 @@ Rows that cannot become an example are skipped and counted by reason (`SKIP_REAS
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from typing import Any
 import datasets
 import jinja2
 import numpy as np
+from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from common.tokenizer import tokenizer_fingerprint
@@ -561,7 +560,8 @@ def load_prepared(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dat
     prepare while the others wait, then all load the same directory.
     """
     path = prepared_dir(config, tokenizer)
-    with _locked(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.parent / f".{path.name}.lock"):
         if not (path / SUMMARY_FILE).is_file():
             log.info("no prepared data at %s: preparing", path)
             prepare(config, tokenizer, path)
@@ -582,13 +582,3 @@ def load_summary(path: str | Path) -> PrepareSummary:
     """The summary saved beside a prepared dataset."""
     return PrepareSummary(**json.loads((Path(path) / SUMMARY_FILE).read_text()))
 
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)

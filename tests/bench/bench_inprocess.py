@@ -45,7 +45,7 @@ async def serve_passes(sequences: list[np.ndarray]) -> None:
         await engine.score("warm-up", sequences[0][:2049], TOP_K)
         _answer({"ready": True})
         index = 0
-        while (line := await asyncio.to_thread(sys.stdin.readline)).strip() == "pass":
+        while (await asyncio.to_thread(sys.stdin.readline)).strip() == "pass":
             start = time.perf_counter()
             results = await asyncio.gather(*(engine.score(f"{index}-{i}", ids, TOP_K)
                                              for i, ids in enumerate(sequences)))
