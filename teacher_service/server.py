@@ -84,7 +84,10 @@ async def _load(config: TeacherConfig, stop: asyncio.Event):
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not load.done():
-        load.cancel()
+        # Engines load in a worker thread, which cannot be interrupted: let it finish, then
+        # release the engine (its worker processes) before exiting.
+        logger.info("stopping while the engine loads: shutting it down once loaded")
+        await (await load).shutdown()
         return None, None
     stopped.cancel()
     engine = load.result()

@@ -8,6 +8,7 @@ vLLM's entry i+1 and the whole result is a reshape of flat lists, not per-positi
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import uuid
@@ -31,27 +32,10 @@ class VllmEngine:
 
     @classmethod
     async def create(cls, config: EngineConfig) -> VllmEngine:
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        args = AsyncEngineArgs(
-            model=config.model,
-            tokenizer=config.tokenizer or config.model,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            max_logprobs=config.max_top_k,
-            tensor_parallel_size=config.tensor_parallel_size,
-            quantization=config.quantization,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager,
-            # Prompt log-probs bypass the prefix cache; caching only costs memory here.
-            enable_prefix_caching=False,
-            # Waiting requests start lowest `priority` first (ties: arrival order, i.e. FCFS).
-            scheduling_policy="priority",
-        )
-        llm = AsyncLLM.from_engine_args(args)
+        # Importing vllm and starting the engine (weights, KV-cache profiling) block for seconds to
+        # minutes: off the event loop, so the gRPC server keeps answering health checks (NOT_SERVING)
+        # meanwhile. AsyncLLM starts its output handler on the loop at the first request.
+        llm = await asyncio.to_thread(_start_llm, config)
         model_config = llm.model_config
         info = EngineInfo("vllm", config.model, model_config.get_vocab_size(), model_config.max_model_len, config.max_top_k)
         logger.info("vllm engine ready: %s (vocab %d, max_model_len %d, TP %d, quantization %s)",
@@ -75,6 +59,31 @@ class VllmEngine:
         # AsyncLLM.__del__ shuts down again; let it run now, not during interpreter teardown.
         del self._llm
         gc.collect()
+
+
+def _start_llm(config: EngineConfig):
+    """Import vllm and start an ``AsyncLLM`` for ``config`` (blocking)."""
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=config.model,
+        tokenizer=config.tokenizer or config.model,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        max_logprobs=config.max_top_k,
+        tensor_parallel_size=config.tensor_parallel_size,
+        quantization=config.quantization,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        enforce_eager=config.enforce_eager,
+        # Prompt log-probs bypass the prefix cache; caching only costs memory here.
+        enable_prefix_caching=False,
+        # Waiting requests start lowest `priority` first (ties: arrival order, i.e. FCFS).
+        scheduling_policy="priority",
+    )
+    return AsyncLLM.from_engine_args(args)
 
 
 def _to_topk(flat, num_tokens: int, top_k: int) -> TopK:

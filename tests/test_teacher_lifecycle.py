@@ -20,21 +20,27 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _health_statuses_until_serving(address: str, timeout: float) -> list[int]:
-    """Every distinct health status seen from the first answer until SERVING."""
-    seen: list[int] = []
+def _health_statuses_until_serving(address: str, timeout: float, stop_after_not_serving: int = 0) -> list:
+    """Every distinct health status seen from the first answer until SERVING (or until the
+    `stop_after_not_serving`-th NOT_SERVING). After the first answer a failed check (the
+    server not answering within 1 s, e.g. while the engine load blocks it) is recorded by code."""
+    seen: list = []
+    not_serving = 0
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
-            except grpc.RpcError:
+            except grpc.RpcError as e:
+                if seen and seen[-1] != e.code():
+                    seen.append(e.code())
                 time.sleep(0.1)
                 continue
             if not seen or seen[-1] != status:
                 seen.append(status)
-            if status == SERVING:
+            not_serving += status == NOT_SERVING
+            if status == SERVING or not_serving == stop_after_not_serving:
                 return seen
             time.sleep(0.1)
     raise TimeoutError(f"not SERVING after {timeout} s; saw {seen}")
@@ -55,6 +61,20 @@ def test_loading_then_serving_then_drain_on_sigterm(tmp_path_factory, tiny_model
     assert during_drain["new_stream"] == grpc.StatusCode.UNAVAILABLE
     for ids, topk in zip(sequences, results):  # in-flight work finished, complete and right
         assert_matches_reference(topk, reference.logprobs(ids), ids)
+
+
+def test_sigterm_while_loading_exits_cleanly(tmp_path_factory, tiny_models):
+    """Stopped while the engine loads: health stays answered, the engine is released once loaded, exit 0."""
+    teacher = start_teacher(tmp_path_factory, "stop-loading", tiny_models, "engine.kind=vllm")
+    teacher.start()
+    try:
+        assert _health_statuses_until_serving(teacher.address, timeout=300, stop_after_not_serving=3) == [NOT_SERVING]
+        teacher.proc.send_signal(signal.SIGTERM)
+        assert teacher.proc.wait(timeout=300) == 0
+    finally:
+        teacher.stop()
+    log = teacher.log_path.read_text()
+    assert "stopping while the engine loads" in log and "teacher_service.server: SERVING" not in log and "teacher stopped" in log
 
 
 async def _drain_while_scoring(teacher, sequences):
