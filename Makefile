@@ -46,7 +46,7 @@ demo: setup proto models ## the whole job on CPU: teacher service + torchrun x2 
 teacher-demo: setup proto models ## only the teacher: score sample sequences, print positions/s and bytes/position
 	$(PY) -m teacher_service.demo --config $(TEACHER_CONFIG)
 
-bench: setup proto models ## benchmarks P1-P6 (issue 7), ~10 min: runs/bench/report.md and report.json
+bench: setup proto models ## benchmarks P1-P6 (issue 7), ~7 min: runs/bench/report.md and report.json
 	$(PY) -m tests.bench.run --out runs/bench
 
 clean: ## remove generated stubs and caches (keeps .venv)
