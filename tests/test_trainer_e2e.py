@@ -42,7 +42,9 @@ def data_cache(tmp_path_factory):
 
 def trainer_command(run_dir: Path, address: str, tiny_models, data_cache: Path, *overrides: str) -> list[str]:
     return [
+        # --shutdown-timeout: how long torchrun lets the ranks checkpoint after SIGTERM before SIGKILL.
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "--shutdown-timeout", "300",
         "-m", "trainer", "--config", str(TRAINER_CPU_CONFIG),
         f"student.path={tiny_models.student}", f"teacher.addresses=[{address}]", f"run_dir={run_dir}",
         f"checkpoint.dir={run_dir / 'checkpoints'}", "checkpoint.every_steps=3", "checkpoint.keep_last=5",
@@ -122,6 +124,33 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, baseline, teacher, ti
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_sigterm_checkpoints_then_resume_reproduces_the_run(tmp_path, baseline, teacher, tiny_models, data_cache):
+    """SIGTERM to torchrun (docker stop, preemption): it forwards the signal to the ranks, which
+    finish the step they are in, agree to stop, checkpoint and exit; a restart resumes exactly."""
+    run_dir = tmp_path / "sigterm"
+    trainer = subprocess.Popen(trainer_command(run_dir, teacher.address, tiny_models, data_cache),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 900
+        while not ((run_dir / "log.jsonl").exists() and len(losses(run_dir)) >= 1):
+            assert trainer.poll() is None and time.monotonic() < deadline, "trainer ended before step 1"
+            time.sleep(0.2)
+        trainer.send_signal(signal.SIGTERM)
+        output, _ = trainer.communicate(timeout=600)
+    finally:
+        trainer.kill()
+    stopped_at = len(losses(run_dir))
+    assert 1 <= stopped_at < STEPS, output[-4000:]
+    assert output.count("SIGTERM: checkpointing after the current step") == 2, output[-4000:]  # both ranks
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / ".metadata").is_file(), output[-4000:]
+    resumed = run_trainer(run_dir, teacher.address, tiny_models, data_cache)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:06d}'}" in resumed.stderr
+    assert losses(run_dir) == losses(baseline)
+    for rank in (0, 1):
+        assert trained_batches(run_dir, rank) == trained_batches(baseline, rank)
 
 
 def test_teacher_killed_and_restarted_mid_run(tmp_path_factory, tmp_path, baseline, tiny_models, data_cache):
