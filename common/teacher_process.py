@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -55,12 +56,10 @@ class TeacherProcess:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"teacher exited with {self.proc.returncode} while starting{self._tail()}")
-                try:
+                with contextlib.suppress(grpc.RpcError):  # not listening yet, or busy
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
-                except grpc.RpcError:
-                    pass
                 time.sleep(0.5)
         raise TimeoutError(f"teacher not SERVING at {self.address} after {self.startup_timeout:.0f} s{self._tail()}")
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from filelock import FileLock
 from transformers import (
     GenerationConfig,
     PreTrainedModel,
@@ -39,6 +38,7 @@ from transformers import (
     Qwen3NextForCausalLM,
 )
 
+from common.dirs import dir_lock, replace_dir
 from common.log import setup_logging
 from common.tokenizer import qwen_tokenizer_dir
 
@@ -121,9 +121,7 @@ def ensure_tiny_models(cache_dir: str | Path | None = None, force: bool = False)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     models = TinyModels(teacher=root / "teacher", student=root / "student")
     key = build_key()
-    # One build even when test workers or ranks ask at once.
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(root.parent / f".{root.name}.lock"):
+    with dir_lock(root):  # one build even when test workers or ranks ask at once
         if not force and _stamp_key(root) == key:
             log.debug("tiny models up to date in %s", root)
             return models
@@ -203,11 +201,7 @@ def _build_into(root: Path, key: str) -> None:
         build_teacher(tmp / "teacher")
         build_student(tmp / "student")
         (tmp / STAMP_FILE).write_text(json.dumps({"key": key}) + "\n")
-        if root.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}-stale-", dir=root.parent))
-            root.rename(stale / root.name)
-            shutil.rmtree(stale)
-        tmp.rename(root)
+        replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("built tiny models in %.1f s", time.monotonic() - start)

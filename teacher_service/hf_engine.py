@@ -1,8 +1,9 @@
 """transformers engine: batched forward, log-softmax and top-K in position chunks.
 
 Concurrent requests are gathered, lowest ``priority`` first (then oldest), into one padded
-forward under a token budget (``engine.max_num_batched_tokens`` counts padded tokens). The LM head runs on at most
-``engine.logits_chunk_positions`` positions at a time, so ``[T, V]`` float32 never exists whole.
+forward under a token budget (``engine.max_num_batched_tokens`` counts padded tokens). The LM
+head runs on at most ``engine.logits_chunk_positions`` positions at a time, so ``[T, V]``
+float32 never exists whole.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class HFEngine:
                         pending.future.set_result(result)
 
     def _take_batch(self) -> list[_Pending]:
-        """Live requests, lowest priority then oldest first, whose padded size fits the token budget (at least one)."""
+        """Live requests, lowest priority then oldest first, whose padded size fits the budget (at least one)."""
         # A stable sort: equal priorities keep their arrival order.
         self._pending = sorted((p for p in self._pending if not p.future.done()), key=lambda p: p.priority)
         metrics.QUEUED_POSITIONS.set(sum(len(p.token_ids) - 1 for p in self._pending))

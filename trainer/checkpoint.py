@@ -37,7 +37,7 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 @dataclass(kw_only=True)
 class CheckpointConfig:
     dir: str = "runs/checkpoints"
-    """Directory holding ``step_XXXXXX/`` checkpoints."""
+    """Directory holding the checkpoints, one ``step_000200/``-style directory each (step zero-padded to 6)."""
     every_steps: int = 100
     """Save every N optimizer steps (and at the end of training)."""
     keep_last: int = 3

@@ -36,9 +36,9 @@ from typing import Any
 import datasets
 import jinja2
 import numpy as np
-from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
+from common.dirs import dir_lock, replace_dir
 from common.tokenizer import tokenizer_fingerprint
 from trainer.sampler import LengthBucketSampler
 
@@ -243,12 +243,17 @@ def decode_row(row: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
     return messages, tools
 
 
+def _loads(text: str, reason: str, what: str) -> Any:
+    """json.loads, or BadRow(reason) naming `what` and the parser's message."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRow(reason, f"{what}: {e}") from None
+
+
 def _json_list(value: Any, name: str) -> list:
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadRow(BAD_JSON, f"{name}: {e}") from None
+        value = _loads(value, BAD_JSON, name)
     if not isinstance(value, list):
         raise BadRow(BAD_JSON, f"{name} is a {type(value).__name__}, not a list")
     return value
@@ -292,10 +297,7 @@ def _decode_tool_call(raw: Any) -> dict:
     if arguments is None:
         raise BadRow(MISSING_FIELD, "tool_calls.function.arguments")
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as e:
-            raise BadRow(BAD_ARGUMENTS, f"{function['name']}: {e}") from None
+        arguments = _loads(arguments, BAD_ARGUMENTS, function["name"])
     if not isinstance(arguments, Mapping):
         raise BadRow(BAD_ARGUMENTS, f"{function['name']}: arguments are a {type(arguments).__name__}")
     call = {"type": "function", "function": {"name": function["name"], "arguments": dict(arguments)}}
@@ -447,7 +449,7 @@ def prepare(config: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: str
         kept.remove_columns(list(_STATS_FEATURES)).save_to_disk(str(work / "dataset"))
         summary = _summarize(config, rendered, kept, render_seconds, time.monotonic() - start)
         (work / "dataset" / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
-        _replace_dir(work / "dataset", out)
+        replace_dir(work / "dataset", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("wrote %d examples to %s", summary.kept, out)
@@ -516,18 +518,6 @@ def percentiles(values: np.ndarray) -> dict[str, int]:
     return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(np.max(values))}
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, swapping out any previous `target` without a gap in which
-    a reader could see a half-deleted directory."""
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}-stale-", dir=target.parent))
-        target.rename(stale / target.name)
-        new.rename(target)
-        shutil.rmtree(stale)
-    else:
-        new.rename(target)
-
-
 def prepared_dir(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
     """`cache_dir/<source name>-<key>`: the key hashes everything the examples depend on
     (source, split, subset, max_length, tokenizer fingerprint, chat template, format)."""
@@ -560,8 +550,7 @@ def load_prepared(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dat
     prepare while the others wait, then all load the same directory.
     """
     path = prepared_dir(config, tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.parent / f".{path.name}.lock"):
+    with dir_lock(path):
         if not (path / SUMMARY_FILE).is_file():
             log.info("no prepared data at %s: preparing", path)
             prepare(config, tokenizer, path)

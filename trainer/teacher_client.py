@@ -29,6 +29,7 @@ to be called from one thread (the training loop's).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import itertools
 import logging
@@ -519,10 +520,8 @@ class TeacherClient:
     def _finish(self, job: _Job) -> None:
         job.done = True
         self._jobs.discard(job)
-        try:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by the caller meanwhile
             job.future.set_result(job.results)
-        except concurrent.futures.InvalidStateError:  # cancelled by the caller meanwhile
-            pass
 
     def _fail_job(self, job: _Job, error: TeacherError) -> None:
         if job.done:
@@ -530,10 +529,8 @@ class TeacherClient:
         self._abandon_job(job)
         self._stats.failures += 1
         logger.error("%s", error)
-        try:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by the caller meanwhile
             job.future.set_exception(error)
-        except concurrent.futures.InvalidStateError:
-            pass
 
     def _abandon_job(self, job: _Job) -> None:
         """Drop a job's unanswered attempts; late answers to them are ignored."""
