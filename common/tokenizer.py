@@ -37,9 +37,13 @@ def qwen_tokenizer_dir() -> Path:
     )
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local directory (never from a hub)."""
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+def load_tokenizer(path: str | Path, chat_template: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory (never from a hub); ``chat_template``: a Jinja
+    file that replaces the directory's template."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if chat_template is not None:
+        tokenizer.chat_template = Path(chat_template).read_text()
+    return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

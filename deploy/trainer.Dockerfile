@@ -2,15 +2,27 @@
 # (the trainer needs neither extra: `cpu` would pin a CPU torch, `gpu` is vLLM for the teacher).
 # Build from the repository root (compose does): docker build -f deploy/trainer.Dockerfile .
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
+ARG BUILD_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-devel
+
+# The DeltaNet kernels: causal-conv1d is a CUDA extension published as source only, so it is
+# built against the same torch with nvcc (Hopper only), and installed into the runtime image.
+FROM ${BUILD_IMAGE} AS kernels
+RUN TORCH_CUDA_ARCH_LIST="9.0" CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=8 \
+    python -m pip wheel --no-cache-dir --no-deps --no-build-isolation -w /wheels causal-conv1d==1.7.0
+
 FROM ${BASE_IMAGE}
 
 ARG APP_UID=10001
 ENV PYTHONUNBUFFERED=1
 
 WORKDIR /app
+COPY --from=kernels /wheels /tmp/wheels
 COPY . .
+# flash-linear-attention: the chunked gated delta rule (Triton) for 36 of the 48 student layers;
+# without it and causal-conv1d transformers runs PyTorch reference loops (trainer.model refuses).
 RUN python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/base.txt \
  && python -m pip install --no-cache-dir -c /tmp/base.txt -e . grpcio-tools==1.85.1 \
+      flash-linear-attention==0.6.0 fla-core==0.6.0 /tmp/wheels/*.whl \
  && python -m grpc_tools.protoc -Icommon/stubs=protos/hyperdistill/teacher/v1 --python_out=. --pyi_out=. \
       --grpc_python_out=. protos/hyperdistill/teacher/v1/teacher.proto \
  && python -m pip uninstall -y grpcio-tools \

@@ -4,6 +4,7 @@ checkpoint."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
@@ -19,12 +20,21 @@ class StudentConfig:
     """``auto``: bfloat16 on GPU, float32 on CPU; or ``bfloat16`` / ``float32``."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward (long contexts)."""
+    chat_template: str | None = None
+    """Jinja file that replaces the tokenizer's chat template, for training and ``prepare_data``.
+    The loss mask needs ``{% generation %}`` blocks around assistant turns, which published Qwen
+    templates lack; ``common/chat_template.jinja`` is the Qwen3-Coder template with them."""
+    require_fast_kernels: bool = True
+    """On CUDA, refuse to start when flash-linear-attention is missing (the DeltaNet layers would
+    run transformers' PyTorch fallback, an order of magnitude slower)."""
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("student.path is required")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"student.dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise FileNotFoundError(f"student.chat_template: no such file {self.chat_template!r}")
 
 
 @dataclass(kw_only=True)
@@ -136,3 +146,9 @@ class TrainerConfig:
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phases: names must be unique, got {names}")
+        depth, accumulation = self.teacher.prefetch_batches, self.optim.accumulation_steps
+        if 0 < depth < accumulation:
+            # A step trains on a whole window of micro-batches; with fewer batches in flight than
+            # a window, the teacher idles while the trainer computes.
+            raise ValueError(f"teacher.prefetch_batches ({depth}) must be >= optim.accumulation_steps "
+                             f"({accumulation}), or 0 to turn prefetch off")

@@ -361,8 +361,9 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not re.search(r"{%-?\s*generation\s*-?%}", tokenizer.chat_template or ""):
         raise ValueError(
             "the tokenizer's chat template has no {% generation %} blocks around the assistant "
-            "turns, so it cannot give the assistant-token loss mask; install a template that has "
-            "them (see common/chat_template.jinja) in the student model directory"
+            "turns, so it cannot give the assistant-token loss mask; published Qwen templates lack "
+            "them: set student.chat_template (prepare_data: --chat-template) to "
+            "common/chat_template.jinja, the Qwen3-Coder template with them"
         )
 
 

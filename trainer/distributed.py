@@ -42,9 +42,10 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum each value over ranks (float64, one collective)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Sum each value (a number or a 0-d tensor on ``device``) over ranks: float64, one collective,
+    one host sync."""
+    tensor = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()

@@ -194,15 +194,26 @@ def _reactivated(snapshot: list[dict[LoRALinear, _Active]]) -> Iterator[None]:
         _set(previous)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Turn on transformers' per-layer gradient checkpointing in a LoRA-aware way (non-reentrant).
+def enable_gradient_checkpointing(model: nn.Module) -> list[nn.Module]:
+    """Turn on transformers' per-layer gradient checkpointing in a LoRA-aware way (non-reentrant);
+    returns the checkpointed layers.
 
     Without `checkpoint_context_fn`, a backward after the `hyper_lora` context would
     recompute layers without the LoRA (torch then raises a saved-tensor mismatch).
+    transformers checkpoints a layer only while ``layer.training`` is set, and the frozen
+    student stays in eval mode: the layers' own flag is set (not their children's, so
+    dropout and every other train-mode behaviour stay off). A later ``model.eval()`` or
+    ``model.train()`` changes it again.
     """
     model.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context_fn}
     )
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if not layers:
+        raise RuntimeError(f"{type(model).__name__} has no layer that supports gradient checkpointing")
+    for layer in layers:
+        layer.training = True
+    return layers
 
 
 @torch.no_grad()

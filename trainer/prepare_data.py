@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, required=True,
                         help="student model directory whose tokenizer and chat template render the data")
+    parser.add_argument("--chat-template", type=Path, default=None,
+                        help="Jinja file replacing the tokenizer's chat template (the trainer's "
+                             "student.chat_template); it needs {%% generation %%} blocks")
     parser.add_argument("--source", default=defaults.source,
                         help="hub dataset name, or a local .jsonl/.parquet file or directory of them "
                              "(default: %(default)s)")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     config = DataConfig(source=args.source, split=args.split, subset=args.subset, max_length=args.max_length,
                         cache_dir=args.cache_dir, num_proc=args.num_proc,
                         token_budget=args.max_length)  # batching is not part of preparation
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, args.chat_template)
     out = args.out if args.out is not None else prepared_dir(config, tokenizer)
     log.info("preparing %s -> %s", config, out)
     summary = prepare(config, tokenizer, out)

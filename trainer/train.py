@@ -18,20 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import AutoModelForCausalLM
 
 from common.config import config_to_dict
 from common.metrics import start_metrics_server
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from trainer import metrics
 from trainer.checkpoint import Checkpointer, resolve_resume
-from trainer.config import PhaseConfig, TrainerConfig
+from trainer.config import OptimConfig, PhaseConfig, TrainerConfig
 from trainer.data_loading import PhaseData, load_phase_data
 from trainer.distributed import all_reduce_sum, close_distributed, init_distributed
-from trainer.hypernetwork import build_hyper_lora
-from trainer.lora import hyper_lora, lora_norms
+from trainer.hypernetwork import HyperLoRA
+from trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
 from trainer.loss import topk_kl_loss
+from trainer.model import build_models
 from trainer.sampler import Batch
 from trainer.teacher_client import TeacherClient
 from trainer.tracking import RunLog
@@ -63,8 +62,8 @@ class Trainer:
         cfg = self.config
         self.dist = init_distributed()
         _seed_everything(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.student.path)
-        self.student, self.hyper = self._setup_models()
+        self.tokenizer = load_tokenizer(cfg.student.path, cfg.student.chat_template)
+        self.student, self.hyper = build_models(cfg, self.dist, self.tokenizer)
         self.optimizer = torch.optim.AdamW(
             self.hyper.parameters(), lr=cfg.phases[0].lr, betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
@@ -84,27 +83,6 @@ class Trainer:
         self.metrics_server = None
         if cfg.metrics.port:
             self.metrics_server = start_metrics_server(cfg.metrics.host, cfg.metrics.port + self.dist.rank)
-
-    def _setup_models(self):
-        cfg, device = self.config, self.dist.device
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-                 "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.student.dtype]
-        # Loaded on the host, then sharded layer by layer: a rank's device never holds the
-        # whole student (80B parameters in bf16 do not fit one H200).
-        student = AutoModelForCausalLM.from_pretrained(cfg.student.path, dtype=dtype).eval()
-        torch.manual_seed(cfg.seed)  # identical hypernetwork init on every rank
-        hyper = build_hyper_lora(cfg.hypernetwork, student)
-        if cfg.student.gradient_checkpointing:
-            from trainer.lora import enable_gradient_checkpointing
-
-            enable_gradient_checkpointing(student)
-        # Decoder layers are sharded; the frozen embedding and LM head stay replicated, because
-        # the hypernetwork and the chunked loss call them outside the student's forward.
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for layer in student.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(hyper, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
-        return student.to(device), hyper.to(device)
 
     def _on_sigterm(self, signum, frame) -> None:
         logger.warning("SIGTERM: checkpointing after the current step, then exiting")
@@ -171,20 +149,24 @@ class Trainer:
         return True
 
     def train_step(self, window: list[tuple[Batch, list, float]]) -> StepStats:
-        """One optimizer step over ``window`` = [(batch, teacher top-K per sequence, wait seconds)]."""
+        """One optimizer step over ``window`` = [(batch, teacher top-K per sequence, wait seconds)].
+
+        The host waits for the device once per step (the global loss and gradient norm), never
+        per micro-batch: token counts come from the host-side masks.
+        """
         start = time.perf_counter()
         device, world = self.dist.device, self.dist.world_size
-        prepared = [_teacher_tensors(batch, topk, device) for batch, topk, _ in window]
-        counts = [int(mask.sum()) for _, _, mask in prepared]
-        tokens = sum(int(b.attention_mask.sum()) for b, _, _ in window)
-        window_tokens, global_tokens = all_reduce_sum([sum(counts), tokens], device)
-        loss_sum = 0.0
-        for i, ((batch, _, _), (ids, logprobs, mask)) in enumerate(zip(window, prepared)):
+        counts = sum(int(batch.loss_mask[:, 1:].sum()) for batch, _, _ in window)
+        tokens = sum(int(batch.attention_mask.sum()) for batch, _, _ in window)
+        window_tokens, global_tokens = all_reduce_sum([counts, tokens], device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for i, (batch, topk, _) in enumerate(window):
             self.hyper.set_requires_gradient_sync(i == len(window) - 1)
+            ids, logprobs, mask = _teacher_tensors(batch, topk, device)
             loss = self._loss(batch, ids, logprobs, mask, max(window_tokens, 1.0))
             # FSDP averages gradients over ranks; the loss is already a global mean.
             (loss * world).backward()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.hyper.parameters(), self.config.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
@@ -194,18 +176,9 @@ class Trainer:
                          sum(w for _, _, w in window), time.perf_counter() - start)
 
     def _loss(self, batch: Batch, teacher_ids, teacher_logprobs, mask, num_tokens: float) -> torch.Tensor:
-        device = self.dist.device
-        lora = self.hyper(batch.prompt_ids.to(device), batch.prompt_mask.to(device))
-        self._last_lora = lora
-        input_ids = batch.input_ids.to(device)
-        with hyper_lora(self.student, lora, seq_len=input_ids.shape[1]):
-            hidden = self.student.model(input_ids=input_ids, attention_mask=batch.attention_mask.to(device),
-                                        use_cache=False).last_hidden_state
-        return topk_kl_loss(
-            hidden[:, :-1], self.student.get_output_embeddings(), teacher_ids, teacher_logprobs, mask, num_tokens,
-            temperature=self.config.optim.temperature, mode=self.config.optim.loss,
-            chunk_size=self.config.optim.logits_chunk_positions,
-        )
+        loss, self._last_lora = distill_loss(self.student, self.hyper, batch, teacher_ids, teacher_logprobs, mask,
+                                             num_tokens, self.config.optim, self.dist.device)
+        return loss
 
     def _set_lr(self, phase: PhaseConfig, total: int) -> None:
         lr = phase_lr(phase, self.phase_step, total)
@@ -251,11 +224,11 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean top-K KL per assistant token over the held-out examples (all ranks)."""
         data = self._data or load_phase_data(self.config, self.config.phases[self.phase_index], self.tokenizer, self.dist)
-        total, count = 0.0, 0.0
+        total, count = torch.zeros((), dtype=torch.float64, device=self.dist.device), 0.0
         for (batch, weight), topk, _ in self.teacher.prefetch(data.held_out_batches(), _teacher_sequences):
             ids, logprobs, mask = _teacher_tensors(batch, topk, self.dist.device)
-            total += weight * float(self._loss(batch, ids, logprobs, mask, 1.0))
-            count += weight * int(mask.sum())
+            total += weight * self._loss(batch, ids, logprobs, mask, 1.0)
+            count += weight * int(batch.loss_mask[:, 1:].sum())
         total, count = all_reduce_sum([total, count], self.dist.device)
         return total / max(count, 1.0)
 
@@ -282,6 +255,27 @@ def phase_lr(phase: PhaseConfig, step: int, total: int) -> float:
     progress = min(1.0, (step - phase.warmup_steps) / max(1, total - phase.warmup_steps))
     floor = phase.lr * phase.min_lr_ratio
     return floor + (phase.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def distill_loss(student, hyper: HyperLoRA, batch: Batch, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                 mask: torch.Tensor, num_tokens: float, optim: OptimConfig,
+                 device: torch.device) -> tuple[torch.Tensor, GeneratedLoRA]:
+    """The summed top-K KL of one micro-batch / ``num_tokens``, and the LoRA generated for it.
+
+    teacher_ids: int64 [B, T-1, K]; teacher_logprobs: float32 [B, T-1, K]; mask: bool [B, T-1].
+    The hypernetwork reads each prompt, the student runs with the generated LoRA, and the loss
+    is computed in chunks from the last hidden states (``[T, V]`` logits never exist whole).
+    """
+    lora = hyper(batch.prompt_ids.to(device), batch.prompt_mask.to(device))
+    input_ids = batch.input_ids.to(device)
+    with hyper_lora(student, lora, seq_len=input_ids.shape[1]):
+        hidden = student.model(input_ids=input_ids, attention_mask=batch.attention_mask.to(device),
+                               use_cache=False).last_hidden_state
+    loss = topk_kl_loss(
+        hidden[:, :-1], student.get_output_embeddings(), teacher_ids, teacher_logprobs, mask, num_tokens,
+        temperature=optim.temperature, mode=optim.loss, chunk_size=optim.logits_chunk_positions,
+    )
+    return loss, lora
 
 
 def _teacher_sequences(item) -> list[np.ndarray]:
