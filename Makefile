@@ -10,7 +10,7 @@ STUBS := common/stubs/teacher_pb2.py common/stubs/teacher_pb2_grpc.py
 TEACHER_CONFIG ?= deploy/configs/teacher.cpu.yaml
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: help setup proto models data test demo teacher-demo bench clean
+.PHONY: help setup proto models data test demo teacher-demo bench chaos clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ teacher-demo: setup proto models ## only the teacher: score sample sequences, pr
 
 bench: setup proto models ## benchmarks P1-P6 (issue 7), ~7 min: runs/bench/report.md and report.json
 	$(PY) -m tests.bench.run --out runs/bench
+
+chaos: setup proto models ## reliability suite R1/R4/R5 against real teachers (issue 11), ~10 min: a table of counts
+	$(PY) -m tests.chaos.run
 
 clean: ## remove generated stubs and caches (keeps .venv)
 	rm -rf common/stubs/*_pb2*.py* .cache .pytest_cache

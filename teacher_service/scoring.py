@@ -66,8 +66,17 @@ class Limits:
         return max(1, budget // bytes_per_position(top_k, self.logprob_dtype))
 
 
-def validate(request: pb.ScoreRequest, limits: Limits, in_flight: set[str]) -> np.ndarray:
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse as its protobuf message (see `servicer.add_to_server`)."""
+
+    reason: str
+
+
+def validate(request: pb.ScoreRequest | Malformed, limits: Limits, in_flight: set[str]) -> np.ndarray:
     """Check one request against the limits; returns its token ids int32 [T]."""
+    if isinstance(request, Malformed):
+        raise InvalidRequest(request.reason)
     rid = request.request_id
     if not rid or len(rid) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest(f"request_id: must be 1..{MAX_REQUEST_ID_CHARS} characters, got {len(rid)}")

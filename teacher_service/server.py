@@ -18,12 +18,11 @@ from grpc_reflection.v1alpha import reflection
 
 from common.metrics import start_metrics_server
 from common.stubs import teacher_pb2 as pb
-from common.stubs import teacher_pb2_grpc as pb_grpc
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from teacher_service.config import TeacherConfig
 from teacher_service.engine import build_engine
 from teacher_service.scoring import REQUEST_OVERHEAD_BYTES, Admission, Limits
-from teacher_service.servicer import TeacherServicer
+from teacher_service.servicer import TeacherServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ async def serve(config: TeacherConfig) -> None:
             ("grpc.max_send_message_length", config.server.max_message_bytes),
         ]
     )
-    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

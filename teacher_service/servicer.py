@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from common.codec import WIRE_DTYPES
 from common.stubs import teacher_pb2 as pb
 from common.stubs import teacher_pb2_grpc as pb_grpc
 from teacher_service import metrics
 from teacher_service.engine import TeacherEngine
-from teacher_service.scoring import Admission, Limits, RequestError, StreamScorer
+from teacher_service.scoring import Admission, Limits, Malformed, RequestError, StreamScorer
 
 _STATUS = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -19,6 +20,32 @@ _STATUS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "internal": grpc.StatusCode.INTERNAL,
 }
+
+
+def add_to_server(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, but parsing requests cannot fail: bytes that are not a valid
+    message arrive as `Malformed` and are refused with INVALID_ARGUMENT (gRPC itself would answer
+    UNKNOWN, or end a Score stream with OK and the request silently dropped)."""
+    handlers = {
+        "Score": grpc.stream_stream_rpc_method_handler(
+            servicer.Score, request_deserializer=_lenient(pb.ScoreRequest),
+            response_serializer=pb.ScoreChunk.SerializeToString),
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo, request_deserializer=_lenient(pb.GetInfoRequest),
+            response_serializer=pb.TeacherInfo.SerializeToString),
+    }
+    name = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+def _lenient(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message.FromString(data)
+        except DecodeError as e:
+            return Malformed(f"request is not a valid {message.DESCRIPTOR.full_name} message ({e}, {len(data)} bytes)")
+    return parse
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
@@ -44,6 +71,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         )
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.TeacherInfo:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         if self._info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "teacher is loading its model")
         return self._info
