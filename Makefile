@@ -10,7 +10,7 @@ STUBS := common/stubs/teacher_pb2.py common/stubs/teacher_pb2_grpc.py
 TEACHER_CONFIG ?= deploy/configs/teacher.cpu.yaml
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: help setup proto models data test demo teacher-demo bench chaos clean
+.PHONY: help setup proto models data test demo teacher-demo bench chaos plan gpu-check gpu-check-wheels clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -51,6 +51,15 @@ bench: setup proto models ## benchmarks P1-P6 (issue 7), ~7 min: runs/bench/repo
 
 chaos: setup proto models ## reliability suite R1/R4/R5 against real teachers (issue 11), ~10 min: a table of counts
 	$(PY) -m tests.chaos.run
+
+plan: setup ## per-GPU memory, host RAM and phase hours of the 8xH200 job, from the H200 measurements (issue 13)
+	$(PY) -m trainer.plan --config deploy/configs/trainer.h200.yaml --measured tests/gpu/results/h200.json
+
+gpu-check-wheels: ## download into .whl/ what the GPU image lacks (flash-linear-attention, datasets, ...) + the stubs
+	bash tests/gpu/prepare.sh
+
+gpu-check: ## on one GPU: real-width layers, fla vs torch at 4k/16k/32k -> runs/gpu-check/gpu_check.json
+	bash tests/gpu/check.sh
 
 clean: ## remove generated stubs and caches (keeps .venv)
 	rm -rf common/stubs/*_pb2*.py* .cache .pytest_cache

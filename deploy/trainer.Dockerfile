@@ -20,9 +20,10 @@ COPY --from=kernels /wheels /tmp/wheels
 COPY . .
 # flash-linear-attention: the chunked gated delta rule (Triton) for 36 of the 48 student layers;
 # without it and causal-conv1d transformers runs PyTorch reference loops (trainer.model refuses).
+# tilelang: fla's gated backward on Hopper with Triton < 3.7.1 (fla #640; trainer.model checks).
 RUN python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/base.txt \
  && python -m pip install --no-cache-dir -c /tmp/base.txt -e . grpcio-tools==1.85.1 \
-      flash-linear-attention==0.6.0 fla-core==0.6.0 /tmp/wheels/*.whl \
+      flash-linear-attention==0.6.0 fla-core==0.6.0 tilelang==0.1.15 /tmp/wheels/*.whl \
  && python -m grpc_tools.protoc -Icommon/stubs=protos/hyperdistill/teacher/v1 --python_out=. --pyi_out=. \
       --grpc_python_out=. protos/hyperdistill/teacher/v1/teacher.proto \
  && python -m pip uninstall -y grpcio-tools \

@@ -110,12 +110,11 @@ def test_each_rank_reads_only_its_shard(tmp_path):
 
 
 def test_cuda_refuses_the_deltanet_fallback_unless_allowed(tiny_models, caplog):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from trainer.model import check_fast_kernels, fast_kernels
 
-    with torch.device("meta"):
-        student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_models.student))
+    student = AutoConfig.from_pretrained(tiny_models.student)
     check_fast_kernels(student, torch.device("cpu"), required=True)  # CPU: the kernels never run
     if fast_kernels()["flash-linear-attention"]:
         pytest.skip("flash-linear-attention is installed here")

@@ -22,6 +22,7 @@ The order is what makes an 80B student fit (see `python -m trainer.plan`):
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -54,7 +55,11 @@ def build_models(cfg: TrainerConfig, dist: DistInfo, tokenizer=None) -> tuple[Pr
     if tokenizer is not None:
         check_chat_template(tokenizer)
     dtype = student_dtype(cfg.student, dist.device)
-    student = _meta_student(cfg.student.path, dtype)
+    config = AutoConfig.from_pretrained(cfg.student.path, local_files_only=True)
+    # Before the model class is imported: some transformers versions bind the kernels at import
+    # time and miss flash-linear-attention unless its ops module is already imported.
+    check_fast_kernels(config, dist.device, required=cfg.student.require_fast_kernels)
+    student = _meta_student(config, dtype)
     torch.manual_seed(cfg.seed)  # identical hypernetwork init on every rank
     hyper = build_hyper_lora(cfg.hypernetwork, student)
     shard_student(student, dtype)
@@ -63,7 +68,6 @@ def build_models(cfg: TrainerConfig, dist: DistInfo, tokenizer=None) -> tuple[Pr
     load_sharded_weights(student, Path(cfg.student.path))
     if cfg.student.gradient_checkpointing:
         enable_gradient_checkpointing(student)
-    check_fast_kernels(student, dist.device, required=cfg.student.require_fast_kernels)
     fully_shard(hyper, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
     return student, hyper.to(dist.device)
 
@@ -75,9 +79,8 @@ def student_dtype(cfg: StudentConfig, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
 
 
-def _meta_student(path: str, dtype: torch.dtype) -> PreTrainedModel:
-    """The student's architecture from its ``config.json``, on the meta device, in eval mode."""
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+def _meta_student(config, dtype: torch.dtype) -> PreTrainedModel:
+    """The student's architecture from its config, on the meta device, in eval mode."""
     with torch.device("meta"):
         student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return student.eval()
@@ -204,16 +207,18 @@ def fast_kernels() -> dict[str, bool]:
     return found
 
 
-def check_fast_kernels(student: nn.Module, device: torch.device, *, required: bool) -> None:
-    """On CUDA with DeltaNet layers: raise unless flash-linear-attention is importable (``required``),
-    else warn. Nothing to check on CPU, where the kernels do not run."""
-    has_deltanet = any(type(m).__name__.endswith("GatedDeltaNet") for m in student.modules())
+def check_fast_kernels(config, device: torch.device, *, required: bool) -> None:
+    """On CUDA with DeltaNet layers (``linear_attention`` in the student config's ``layer_types``):
+    raise unless flash-linear-attention imports (``required``), else warn. Nothing to check on
+    CPU, where the kernels do not run."""
+    has_deltanet = "linear_attention" in (getattr(config, "layer_types", None) or ())
     if device.type != "cuda" or not has_deltanet:
         return
     found = fast_kernels()
     if not found["causal-conv1d"]:
         logger.warning("causal-conv1d is not installed: DeltaNet convolutions use PyTorch's conv1d")
     if found["flash-linear-attention"]:
+        _check_hopper_triton(device)
         logger.info("DeltaNet kernels: %s", found)
         return
     message = ("flash-linear-attention is not installed (or does not import): the DeltaNet layers would run "
@@ -223,3 +228,19 @@ def check_fast_kernels(student: nn.Module, device: torch.device, *, required: bo
     if required:
         raise RuntimeError(message)
     logger.warning(message)
+
+
+def _check_hopper_triton(device: torch.device) -> None:
+    """flash-linear-attention refuses its gated backward on Hopper with Triton 3.4-3.7.0 (wrong
+    gradients there, fla issue #640) unless tilelang is installed: fail at start, not at the first
+    backward after the student has loaded."""
+    import triton
+    from packaging.version import Version
+
+    triton_version = Version(triton.__version__)
+    if torch.cuda.get_device_capability(device)[0] != 9 or not Version("3.4") <= triton_version < Version("3.7.1"):
+        return
+    if importlib.util.find_spec("tilelang") is None:
+        raise RuntimeError(f"Triton {triton.__version__} on a Hopper GPU: flash-linear-attention's gated delta rule "
+                           "backward is wrong there and refuses to run (fla #640); install Triton >= 3.7.1 or "
+                           "tilelang (`pip install tilelang`)")
