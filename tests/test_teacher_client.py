@@ -19,7 +19,7 @@ import pytest
 from common.teacher_client import TeacherClient as DirectClient
 from common.teacher_process import TeacherProcess, free_port
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from tests.conftest import start_teacher
+from tests.conftest import adopt, start_teacher
 from tests.helpers import ATOL, VOCAB, random_ids, scrape_metrics
 from trainer.teacher_client import (
     TeacherClient,
@@ -39,8 +39,9 @@ OK_REQUESTS = ("teacher_requests_total", (("status", "OK"),))
 class RestartableTeacher:
     """A teacher that can be SIGKILLed and started again on the same gRPC port."""
 
-    def __init__(self, tmp_path_factory, tiny_models):
-        self._factory, self._models = tmp_path_factory, tiny_models
+    def __init__(self, tmp_path_factory, tiny_models, owner: pytest.FixtureRequest):
+        """``owner``: the fixture that stops the current process (also one restarted by a test)."""
+        self._factory, self._models, self._owner = tmp_path_factory, tiny_models, owner
         self.process = start_teacher(tmp_path_factory, "teacher-b", tiny_models, *TEACHER_OVERRIDES)
 
     @property
@@ -54,13 +55,14 @@ class RestartableTeacher:
         old.proc.wait()
         new = start_teacher(self._factory, "teacher-b-restarted", self._models, *TEACHER_OVERRIDES, port=old.port)
         self.process = new.start()
+        adopt(self._owner, new.proc.pid)
 
 
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory, tiny_models):
+def teachers(request, tmp_path_factory, tiny_models):
     """(teacher A, restartable teacher B), started together to overlap their start-up."""
     a = start_teacher(tmp_path_factory, "teacher-a", tiny_models, *TEACHER_OVERRIDES)
-    b = RestartableTeacher(tmp_path_factory, tiny_models)
+    b = RestartableTeacher(tmp_path_factory, tiny_models, owner=request)
     try:
         for process in (a.start(), b.process.start()):
             process.wait_serving()

@@ -15,11 +15,14 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from common.codec import TopKAssembler, pack_token_ids
 from common.stubs import teacher_pb2 as pb
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from common.teacher_client import TeacherClient
+from teacher_service.config import EngineConfig
+from teacher_service.hf_engine import HFEngine
 from tests.helpers import ATOL, VOCAB, assert_matches_reference, random_ids, scrape_metrics
 
 
@@ -62,6 +65,28 @@ def test_hf_engine_matches_vllm_engine(vllm_teacher, hf_teacher, reference):
         np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=2.0**-11, atol=ATOL)
         np.testing.assert_allclose(b.target, a.target, rtol=2.0**-11, atol=ATOL)
         assert_matches_reference(b, reference.logprobs(ids), ids, rtol=2.0**-11)
+
+
+def test_hf_engine_scores_requests_over_its_token_budget_one_by_one(tiny_models, reference):
+    """``engine.max_num_batched_tokens=1`` (the end-to-end tests' teacher): every request is over the
+    budget, so each gets a forward of its own; none waits forever and none spins."""
+    sequences = [random_ids(n, seed=60 + n) for n in (40, 3, 17)]
+    config = EngineConfig(kind="hf", model=str(tiny_models.teacher), max_num_batched_tokens=1)
+
+    async def run():
+        engine = await HFEngine.create(config)
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(engine.score(f"r{i}", ids, 5) for i, ids in enumerate(sequences))), timeout=120)
+        finally:
+            await engine.shutdown()
+
+    batches = "teacher_engine_batch_sequences_count"
+    before = REGISTRY.get_sample_value(batches) or 0.0
+    results = asyncio.run(run())
+    assert REGISTRY.get_sample_value(batches) - before == len(sequences)
+    for ids, topk in zip(sequences, results):
+        assert_matches_reference(topk, reference.logprobs(ids), ids)
 
 
 def test_concurrent_streams_answer_each_request_id(vllm_teacher, reference):

@@ -2,7 +2,7 @@
 
 ``vllm serve`` runs from the same venv on a free loopback port with the tiny teacher and the
 engine settings of ``deploy/configs/teacher.cpu.yaml`` (dtype, max length, batch token budget,
-sequences, KV share, eager, no prefix caching), so both servers drive the same engine the same
+sequences, KV bytes, eager, no prefix caching), so both servers drive the same engine the same
 way. A sequence is one ``POST /v1/completions`` with ``prompt`` = the token ids,
 ``max_tokens=1`` and ``prompt_logprobs=K``: what a user would script against it.
 """
@@ -45,7 +45,7 @@ class VllmServe:
             "--max-model-len", str(engine["max_model_len"]),
             "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
             "--max-num-seqs", str(engine["max_num_seqs"]),
-            "--gpu-memory-utilization", str(engine["gpu_memory_utilization"]),
+            "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"]),
             "--no-enable-prefix-caching", "--disable-uvicorn-access-log", "--disable-log-stats",
             *(["--enforce-eager"] if engine.get("enforce_eager") else []),
         ]
