@@ -28,8 +28,10 @@ class TeacherProcess:
     """``python -m teacher_service`` on free loopback ports; ``with`` waits for SERVING and stops it."""
 
     def __init__(self, config: str | Path, overrides: list[str] = (), log_path: str | Path | None = None,
-                 startup_timeout: float = 300.0, port: int | None = None):
-        """``port``: the gRPC port to bind (default: a free one), e.g. to restart a teacher in place."""
+                 startup_timeout: float = 300.0, port: int | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        """``port``: the gRPC port to bind (default: a free one), e.g. to restart a teacher in place.
+        ``credentials``: of the health checks, for a teacher with TLS on (default: plaintext)."""
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -41,6 +43,7 @@ class TeacherProcess:
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
+        self.credentials = credentials
 
     def start(self) -> TeacherProcess:
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
@@ -51,7 +54,9 @@ class TeacherProcess:
     def wait_serving(self) -> None:
         """Block until health is SERVING; raises with the log's tail if the process dies or times out."""
         deadline = time.monotonic() + self.startup_timeout
-        with grpc.insecure_channel(self.address) as channel:
+        channel = (grpc.insecure_channel(self.address) if self.credentials is None
+                   else grpc.secure_channel(self.address, self.credentials))
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -5,8 +5,9 @@
 COMPOSE ?= docker compose
 DEPLOY_ENV ?= deploy/.env
 COMPOSE_RUN = $(COMPOSE) -p hyperdistill -f deploy/compose.yaml $(if $(wildcard $(DEPLOY_ENV)),--env-file $(DEPLOY_ENV))
-# The teacher's health, as compose's health check asks it (grpcurl exits 0 for NOT_SERVING too).
-TEACHER_HEALTH_CHECK = grpcurl -plaintext -max-time 5 -d '{"service": ""}' 127.0.0.1:50051 grpc.health.v1.Health/Check
+# The teacher's health, as compose's health check asks it (grpcurl exits 0 for NOT_SERVING too): run
+# by the container's shell, where GRPCURL_TLS_FLAGS (deploy/.env) holds the TLS flags when TLS is on.
+TEACHER_HEALTH_CHECK = grpcurl $${GRPCURL_TLS_FLAGS:--plaintext} -max-time 5 -d '{"service": ""}' 127.0.0.1:50051 grpc.health.v1.Health/Check
 
 .PHONY: up down logs ps health deploy-tools deploy-check
 
@@ -24,7 +25,7 @@ ps: ## the services and their health
 	$(COMPOSE_RUN) ps
 
 health: ## grpc.health.v1.Health/Check against the teacher; fails unless it is SERVING
-	@out=$$($(COMPOSE_RUN) exec -T teacher $(TEACHER_HEALTH_CHECK)) && echo "$$out" && echo "$$out" | grep -q '"SERVING"'
+	@out=$$($(COMPOSE_RUN) exec -T teacher sh -c '$(subst ','\'',$(TEACHER_HEALTH_CHECK))') && echo "$$out" && echo "$$out" | grep -q '"SERVING"'
 
 deploy-tools: ## install promtool and docker-compose (Debian packages) for deploy-check, if missing
 	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.codec import WIRE_DTYPES
+from common.security import check_tls_config
 
 ENGINES = ("vllm", "hf")
 
@@ -80,8 +81,20 @@ class ServerConfig:
     """Positions admitted (queued or scoring) across all streams before RESOURCE_EXHAUSTED."""
     grace_seconds: float = 30.0
     """On SIGTERM: time for in-flight requests to finish before they are cancelled."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain of the gRPC port; with ``tls_key_file`` it turns TLS on. Unset: plaintext."""
+    tls_key_file: str | None = None
+    """PEM private key of ``tls_cert_file``."""
+    tls_client_ca_file: str | None = None
+    """PEM CA certificates that sign client certificates. Set: every client must present one
+    (mutual TLS), health checks included. Needs ``tls_cert_file``."""
+    auth_token_env: str | None = None
+    """Name of the environment variable holding the bearer token that every TeacherService call must
+    carry (``authorization: Bearer <token>``); the teacher refuses to start when it is unset or
+    empty. Health and reflection stay open. Unset: no token is checked."""
 
     def __post_init__(self) -> None:
+        check_tls_config(self, "server", switch="tls_cert_file", dependents=("tls_client_ca_file",))
         if self.logprob_dtype not in WIRE_DTYPES:
             raise ValueError(f"server.logprob_dtype must be one of {tuple(WIRE_DTYPES)}, got {self.logprob_dtype!r}")
         if self.max_message_bytes < 64 * 1024:

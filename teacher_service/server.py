@@ -4,6 +4,8 @@ Start-up: the gRPC server starts first with health NOT_SERVING (so orchestrators
 alive but loading), the engine loads, then health turns SERVING. SIGTERM/SIGINT: health goes
 NOT_SERVING, new work is refused with UNAVAILABLE, in-flight requests get up to
 ``server.grace_seconds`` to finish, then the server stops and the engine shuts down.
+Security, off by default (``common.security``): TLS or mutual TLS on the gRPC port
+(``server.tls_*``) and a bearer token on TeacherService calls (``server.auth_token_env``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.metrics import start_metrics_server
+from common.security import BearerTokenInterceptor, read_token, server_credentials
 from common.stubs import teacher_pb2 as pb
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from teacher_service.config import TeacherConfig
+from teacher_service.config import ServerConfig, TeacherConfig
 from teacher_service.engine import build_engine
 from teacher_service.scoring import REQUEST_OVERHEAD_BYTES, Admission, Limits
 from teacher_service.servicer import TeacherServicer, add_to_server
@@ -33,6 +36,8 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 async def serve(config: TeacherConfig) -> None:
     """Run the teacher service until SIGTERM/SIGINT, then drain and return."""
+    # Before anything binds: a named but unset token variable must stop the start, not open the port.
+    token = read_token(config.server.auth_token_env, "server.auth_token_env") if config.server.auth_token_env else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -43,6 +48,9 @@ async def serve(config: TeacherConfig) -> None:
     health_servicer = health.aio.HealthServicer()
     max_request_bytes = config.engine.max_model_len * 4 + REQUEST_OVERHEAD_BYTES
     server = grpc.aio.server(
+        # Only TeacherService needs the token: health stays open for orchestrators, reflection for
+        # grpcurl (its health check resolves the method by reflection); neither serves data.
+        interceptors=[BearerTokenInterceptor(token, [SERVICE_NAME])] if token else None,
         options=[
             ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.max_send_message_length", config.server.max_message_bytes),
@@ -55,10 +63,11 @@ async def serve(config: TeacherConfig) -> None:
     )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, _NOT_SERVING)
-    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    port = _bind(server, config.server)
     await server.start()
     metrics_server = start_metrics_server(config.server.metrics_host, config.server.metrics_port)
-    logger.info("gRPC on %s:%d (NOT_SERVING while the %s engine loads)", config.server.host, port, config.engine.kind)
+    logger.info("gRPC on %s:%d, %s (NOT_SERVING while the %s engine loads)",
+                config.server.host, port, _security(config.server), config.engine.kind)
 
     engine = None
     try:
@@ -75,6 +84,26 @@ async def serve(config: TeacherConfig) -> None:
             await engine.shutdown()
         metrics_server.shutdown()
         logger.info("teacher stopped")
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert_file is None:
+        if config.auth_token_env:
+            logger.warning("server.auth_token_env without TLS: bearer tokens cross the network in clear text")
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(config.tls_cert_file, config.tls_key_file,
+                                                              config.tls_client_ca_file))
+
+
+def _security(config: ServerConfig) -> str:
+    """The port's security, in words, for the start-up log."""
+    if config.tls_cert_file is None:
+        transport = "plaintext (no TLS)"
+    else:
+        transport = "mutual TLS (client certificates required)" if config.tls_client_ca_file else "TLS"
+    token = f"bearer token from ${config.auth_token_env}" if config.auth_token_env else "no token"
+    return f"{transport}, {token}"
 
 
 async def _load(config: TeacherConfig, stop: asyncio.Event):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -30,6 +31,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 logger = logging.getLogger(__name__)
+# The train state is plain data and tensors plus numpy's RNG state (a uint32 ndarray): loading it
+# weights_only allows what rebuilding that array needs and nothing else (no arbitrary pickles).
+_TRAIN_STATE_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -120,7 +124,8 @@ class Checkpointer:
         # The checkpoint-age metric and alert count from the checkpoint we resumed from.
         self.last_save_time = (path / ".metadata").stat().st_mtime
         logger.info("resumed from %s", path)
-        return torch.load(own, weights_only=False)
+        with torch.serialization.safe_globals(list(_TRAIN_STATE_GLOBALS)):
+            return torch.load(own, weights_only=True)
 
     def _prune(self, root: Path) -> None:
         for stale in root.glob("step_*.tmp"):

@@ -19,6 +19,9 @@ jitter, of the same one, until the request's retry budget runs out. A refused re
 message. Each attempt carries its own request id, so a late answer of an older attempt is
 dropped: every batch is delivered complete, once, for its own key.
 
+Channels are plaintext unless ``tls_ca_file`` is set (TLS, mutual TLS with ``tls_cert_file``);
+``auth_token_env`` adds a bearer token to every call (``common.security``).
+
 Threading: everything after ``start`` that touches streams, requests and timers runs on the
 loop thread; the caller's thread only creates futures, hands work over with
 ``loop.call_soon_threadsafe`` / ``asyncio.run_coroutine_threadsafe`` and waits on
@@ -46,6 +49,7 @@ import grpc
 import numpy as np
 
 from common.codec import TopK, TopKAssembler, pack_token_ids
+from common.security import channel_credentials, check_tls_config, read_token
 from common.stubs import teacher_pb2 as pb
 from common.stubs import teacher_pb2_grpc as pb_grpc
 
@@ -62,6 +66,8 @@ RETRYABLE_CODES = frozenset({
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.CANCELLED,
 })
+# Codes with which a teacher refuses this client's credentials: no retry helps, so `start` fails at once.
+_AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 # The server caps request ids at 256 characters; the key's part of ours is capped below that.
 _MAX_KEY_CHARS = 160
 
@@ -109,8 +115,25 @@ class TeacherClientConfig:
     """``start``: how long to wait for each teacher to answer GetInfo (it may be loading)."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message sent or received; must be >= the teachers' ``max_message_bytes``."""
+    tls_ca_file: str | None = None
+    """PEM CA certificates that signed the teachers' certificates. Set: TLS to every address
+    (the teachers' ``server.tls_cert_file``); unset: plaintext."""
+    tls_cert_file: str | None = None
+    """PEM client certificate chain, for teachers that require one (``server.tls_client_ca_file``:
+    mutual TLS); with ``tls_key_file``. Needs ``tls_ca_file``."""
+    tls_key_file: str | None = None
+    """PEM private key of ``tls_cert_file``."""
+    tls_server_name: str | None = None
+    """Name to check the teachers' certificates against instead of the host in ``addresses`` (e.g.
+    when they are reached by an IP their certificate does not list). Needs ``tls_ca_file``."""
+    auth_token_env: str | None = None
+    """Name of the environment variable holding the bearer token sent with every call (the
+    teachers' ``server.auth_token_env``); ``start`` fails when it is unset or empty. Needs
+    ``tls_ca_file``: the token is sent as call credentials, which gRPC sends only over TLS."""
 
     def __post_init__(self) -> None:
+        check_tls_config(self, "teacher", switch="tls_ca_file",
+                         dependents=("tls_cert_file", "tls_server_name", "auth_token_env"))
         if not self.addresses or not all(isinstance(a, str) and a for a in self.addresses):
             raise ValueError(f"addresses must be a non-empty list of host:port strings, got {self.addresses!r}")
         if self.top_k < 1 or self.prefetch_batches < 0:
@@ -231,6 +254,7 @@ class TeacherClient:
         self._next_link = 0
         self._closing = False
         self._expected: tuple[int, str] = (0, "")
+        self._credentials: grpc.ChannelCredentials | None = None
 
     # ----- caller thread -----
 
@@ -240,12 +264,15 @@ class TeacherClient:
         Waits up to ``connect_timeout_seconds`` for each teacher. Raises
         ``TeacherMismatchError`` when a teacher's vocab size or tokenizer fingerprint differs
         from the student's or its ``max_top_k`` < ``top_k``; ``TeacherUnavailableError`` when no
-        teacher answers. Teachers that never answer while another does are logged and tried
-        again later (they are verified before their first stream).
+        teacher answers; ``TeacherRequestError`` when a teacher refuses the bearer token;
+        ``ValueError`` when ``auth_token_env`` names an unset variable or a TLS file is unreadable.
+        Teachers that never answer while another does are logged and tried again later (they are
+        verified before their first stream).
         """
         if self._thread is not None:
             raise RuntimeError("TeacherClient.start was already called")
         self._expected = (expected_vocab_size, expected_fingerprint)
+        self._credentials = self._channel_credentials()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
         self._thread.start()
@@ -344,6 +371,14 @@ class TeacherClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS (and the bearer token) of every channel, or None for plaintext; files and token read now."""
+        config = self.config
+        if config.tls_ca_file is None:
+            return None
+        token = read_token(config.auth_token_env, "teacher.auth_token_env") if config.auth_token_env else None
+        return channel_credentials(config.tls_ca_file, config.tls_cert_file, config.tls_key_file, token, "teacher")
+
     def _pack(self, key: Hashable, index: int, sequence: np.ndarray) -> bytes:
         """Check one sequence (int [T]) and pack it as int32 little-endian bytes."""
         arr = np.asarray(sequence)
@@ -392,7 +427,12 @@ class TeacherClient:
             ("grpc.initial_reconnect_backoff_ms", initial_ms),
             ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(self.config.backoff_max_seconds * 1000))),
         ]
-        channel = grpc.aio.insecure_channel(address, options=options)
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            if self.config.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", self.config.tls_server_name))
+            channel = grpc.aio.secure_channel(address, self._credentials, options=options)
         return _Link(address=address, channel=channel, stub=pb_grpc.TeacherServiceStub(channel))
 
     async def _await_info(self, link: _Link) -> pb.TeacherInfo:
@@ -405,6 +445,10 @@ class TeacherClient:
                 info = await link.stub.GetInfo(pb.GetInfoRequest(), timeout=remaining, wait_for_ready=True)
             except grpc.aio.AioRpcError as e:
                 last = f"{e.code().name}: {e.details()}"
+                if e.code() in _AUTH_CODES:
+                    raise TeacherRequestError(
+                        f"teacher at {link.address} refused this client ({last}): check teacher.auth_token_env "
+                        "and the token it names against the teacher's server.auth_token_env") from None
                 if e.code() not in RETRYABLE_CODES:
                     break
             else:
