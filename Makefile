@@ -49,7 +49,7 @@ teacher-demo: setup proto models ## only the teacher: score sample sequences, pr
 bench: setup proto models ## benchmarks P1-P6 (issue 7), ~7 min: runs/bench/report.md and report.json
 	$(PY) -m tests.bench.run --out runs/bench
 
-chaos: setup proto models ## reliability suite R1/R4/R5 against real teachers (issue 11), ~10 min: a table of counts
+chaos: setup proto models ## reliability suite R1-R5: bad input, teacher kills, trainer kills, load, SIGTERM (issue 11), ~30 min: tables of counts
 	$(PY) -m tests.chaos.run
 
 plan: setup ## per-GPU memory, host RAM and phase hours of the 8xH200 job, from the H200 measurements (issue 13)

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from tests.chaos.bad_input import format_bad_input, run_bad_input
-from tests.chaos.load import run_load, run_sigterm_under_load
+from tests.chaos.load import run_load, run_sigterm_under_load, server_internal_errors, server_requests
 from tests.chaos.run import GRACE_SECONDS, r4_ok, r5_ok, teacher
 
 
@@ -21,7 +21,8 @@ def chaos_teacher(tmp_path_factory, tiny_models):
 def test_r1_every_bad_request_gets_its_documented_status(chaos_teacher):
     result = asyncio.run(run_bad_input(chaos_teacher.address, total=126, seed=1))
     table = format_bad_input(result)
-    assert all(o.sent >= 6 and o.expected == o.sent for o in result["outcomes"].values()), table
+    assert all(o.sent >= 6 and o.expected + o.masked == o.sent for o in result["outcomes"].values()), table
+    assert server_internal_errors(chaos_teacher.metrics_url) == 0
     assert result["reference_identical"], table
     assert chaos_teacher.proc.poll() is None
 
@@ -29,7 +30,9 @@ def test_r1_every_bad_request_gets_its_documented_status(chaos_teacher):
 def test_r4_load_below_and_far_above_the_admission_limit(chaos_teacher):
     result = asyncio.run(run_load(chaos_teacher.address, chaos_teacher.proc.pid, streams=4, per_stream=6, seed=2))
     assert r4_ok(result), result
-    assert any(k.startswith("RESOURCE_EXHAUSTED") and "max_queued_positions" in k for k in result["above_statuses"])
+    # The server's own count: grpc.aio's client may mask the status it sent (grpc/grpc#36066).
+    assert server_requests(chaos_teacher.metrics_url, "RESOURCE_EXHAUSTED") > 0
+    assert server_internal_errors(chaos_teacher.metrics_url) == 0
     assert chaos_teacher.proc.poll() is None
 
 

@@ -31,11 +31,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # The train state is plain data and tensors plus numpy's RNG state (a uint32 ndarray): loading it
 # weights_only allows what rebuilding that array needs and nothing else (no arbitrary pickles).
 _TRAIN_STATE_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
-
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
 @dataclass(kw_only=True)
@@ -88,7 +88,9 @@ class Checkpointer:
         final = root / f"step_{step:06d}"
         tmp = root / f"step_{step:06d}.tmp"
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # Before the new directory: a crash may have left a .tmp or (after the rename, before
+            # the pruning) keep_last + 1 complete ones; never more than keep_last + 1 on disk.
+            self._prune(root)
             tmp.mkdir(parents=True)
         _barrier()
         state = {
@@ -101,7 +103,7 @@ class Checkpointer:
             (tmp / "config.json").write_text(json.dumps(resolved_config, indent=2))
         _barrier()
         if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
+            _remove(final)  # the same step saved again (end of training, stop after a periodic save)
             tmp.rename(final)
             self._prune(root)
             logger.info("saved checkpoint %s", final)
@@ -131,8 +133,15 @@ class Checkpointer:
         for stale in root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         for old in complete_checkpoints(root)[: -self.config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             logger.info("removed old checkpoint %s", old)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint directory, ``.metadata`` first: a crash midway leaves it incomplete
+    (never resumed from), not a ``.metadata`` beside missing shards."""
+    (checkpoint / ".metadata").unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _barrier() -> None:
