@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -29,9 +30,10 @@ class TeacherProcess:
 
     def __init__(self, config: str | Path, overrides: list[str] = (), log_path: str | Path | None = None,
                  startup_timeout: float = 300.0, port: int | None = None,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, env: Mapping[str, str] | None = None):
         """``port``: the gRPC port to bind (default: a free one), e.g. to restart a teacher in place.
-        ``credentials``: of the health checks, for a teacher with TLS on (default: plaintext)."""
+        ``credentials``: of the health checks, for a teacher with TLS on (default: plaintext).
+        ``env``: variables set for the child on top of this process's environment (e.g. ``OMP_NUM_THREADS``)."""
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -44,10 +46,12 @@ class TeacherProcess:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.credentials = credentials
+        self.env = dict(env or {})
 
     def start(self) -> TeacherProcess:
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+               **self.env}
         self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env)
         return self
 

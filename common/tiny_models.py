@@ -83,10 +83,11 @@ STUDENT_CONFIG = dict(
 TEACHER_SEED = 0
 STUDENT_SEED = 1
 # Random init gives logits with std ~0.23 nats: a near-uniform distribution over 151,936
-# tokens with near-tied top-K. Scaling the teacher's LM head to a logit std of 6 nats gives
-# a median top-1 probability of ~0.4, ~90% of the mass in the top 20, and top-20 gaps
-# > 1e-3 at ~87% of positions (random logits cannot rule out a close pair everywhere).
-TEACHER_LOGIT_STD = 6.0
+# tokens with near-tied top-K. Scaling an LM head to a logit std of 6 nats gives a median
+# top-1 probability of ~0.4, ~90% of the mass in the top 20, and top-20 gaps > 1e-3 at ~87%
+# of positions (random logits cannot rule out a close pair everywhere). Both models get it:
+# a real student is peaked too, and top-K distillation only means something when it is.
+LOGIT_STD = 6.0
 
 
 @dataclass(frozen=True)
@@ -131,22 +132,28 @@ def ensure_tiny_models(cache_dir: str | Path | None = None, force: bool = False)
 
 def build_teacher(out: Path) -> None:
     """Save the tiny Qwen3-MoE teacher, its LM head scaled to a peaked distribution."""
-    config = Qwen3MoeConfig(**TEACHER_CONFIG)
     with _seeded(TEACHER_SEED):
-        model = Qwen3MoeForCausalLM(config)
-    # The final RMSNorm emits unit-RMS features, so a logit's std is
-    # ~ initializer_range * sqrt(hidden_size); rescale that to TEACHER_LOGIT_STD.
-    init_logit_std = config.initializer_range * config.hidden_size**0.5
-    with torch.no_grad():
-        model.lm_head.weight.mul_(TEACHER_LOGIT_STD / init_logit_std)
-    _save_model(model, out)
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TEACHER_CONFIG))
+    _save_model(_peaked(model), out)
 
 
 def build_student(out: Path) -> None:
-    """Save the tiny Qwen3-Next student, left at its (different-seed) random init."""
+    """Save the tiny Qwen3-Next student (a different seed), its LM head scaled the same way."""
     with _seeded(STUDENT_SEED):
         model = Qwen3NextForCausalLM(Qwen3NextConfig(**STUDENT_CONFIG))
-    _save_model(model, out)
+    _save_model(_peaked(model), out)
+
+
+def _peaked(model: PreTrainedModel) -> PreTrainedModel:
+    """Scale the LM head to a logit std of `LOGIT_STD` nats (a peaked next-token distribution).
+
+    The final RMSNorm emits unit-RMS features, so a logit's std at init is
+    ~ initializer_range * sqrt(hidden_size).
+    """
+    config = model.config
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LOGIT_STD / (config.initializer_range * config.hidden_size**0.5))
+    return model
 
 
 @contextlib.contextmanager
@@ -214,6 +221,32 @@ def _stamp_key(root: Path) -> str | None:
     except (OSError, ValueError, KeyError):
         return None
 
+
+
+def build_lora_teacher(student_dir: str | Path, out: str | Path, *, seed: int, scale: float, rank: int = 4,
+                       targets: tuple[str, ...] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Save, to `out`, the student plus a fixed random rank-`rank` LoRA merged into its weights.
+
+    A teacher whose distance to the student is known and reachable: a per-prompt or static
+    LoRA on the same targets can match it exactly. On every target linear module (the
+    hypernetwork's default targets unless given), ``W += scale * B @ A`` with
+    A ~ N(0, 1/in) [r, in] and B ~ N(0, 1/r) [out, r] drawn from `seed`. Returns the factors
+    by full module name, `scale` folded into A, so that ``B @ A`` is the merged update (the
+    oracle LoRA, at LoRA scale 1).
+    """
+    from trainer.hypernetwork import DEFAULT_TARGETS, find_targets  # the trainer's own target matching
+
+    model = Qwen3NextForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    with torch.no_grad():
+        for target in find_targets(model, targets or DEFAULT_TARGETS):
+            a = torch.randn(rank, target.in_features, generator=generator) * scale / target.in_features**0.5
+            b = torch.randn(target.out_features, rank, generator=generator) * (1.0 / rank) ** 0.5
+            model.get_submodule(target.name).weight.add_(b @ a)
+            factors[target.name] = (a, b)
+    _save_model(model, Path(out))
+    return factors
 
 
 def main(argv: list[str] | None = None) -> None:
