@@ -36,6 +36,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, raw, prefix="")
 
 
+def config_from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from plain data (e.g. a config stored in a checkpoint), checked as a YAML file is;
+    ``prefix`` names its place in error messages (``hypernetwork.``)."""
+    return _build(cls, raw, prefix=prefix)
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain data (for logs and checkpoints)."""
     return dataclasses.asdict(config)

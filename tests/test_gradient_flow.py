@@ -29,7 +29,7 @@ GRAD_MIN, GRAD_MAX = 1e-4, 10.0
 BATCH, SEQ_LEN, PROMPT_LEN, TOP_K = 2, 24, 16, 8
 LEARN_STEPS, LEARN_LR = 6, 1e-3
 CONFIG = dict(rank=4, alpha=8.0, encoder_dim=64, encoder_heads=4, encoder_layers=1, trunk_dim=64,
-              trunk_layers=1, code_dim=16, max_prompt_tokens=64)
+              trunk_layers=1, max_prompt_tokens=64)
 
 
 @dataclass

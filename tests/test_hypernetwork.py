@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_config
-from trainer.hypernetwork import HyperLoRA, build_hyper_lora, find_targets, truncate_prompts
+from trainer.hypernetwork import HyperLoRA, StaticLoRA, build_hyper_lora, find_targets, truncate_prompts
 from trainer.lora import hyper_lora
 from trainer.param_table import build_meta, render, table_rows
 
 SMALL = dict(rank=4, alpha=8.0, encoder_dim=64, encoder_heads=4, encoder_layers=1, trunk_dim=64, trunk_layers=1,
-             code_dim=32, max_prompt_tokens=24)
+             max_prompt_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,17 @@ def test_zero_init_b_exact_and_a_like_lora(hyper):
     assert abs(a.mean()) < 0.1 * lora_std and 0.75 < a.std() / lora_std < 1.33
 
 
-def test_per_sample_and_independent_of_padding(hyper):
+def test_identity_mixing_at_init_so_every_prompt_starts_from_the_bank(hyper):
+    lora = hyper(*prompts([10, 6], 12))
+    for name, w in lora.weights.items():
+        assert torch.equal(w.A[0], w.A[1]) and torch.equal(w.B[0], w.B[1])
+
+
+def test_per_sample_and_independent_of_padding(student):
+    torch.manual_seed(0)
+    hyper = build_hyper_lora(HyperLoRA.Config(**SMALL), student).eval()
+    for head in hyper.generator.heads.values():  # as after training: M depends on the prompt
+        torch.nn.init.normal_(head.weight, std=1.0)
     ids, mask = prompts([10, 6], 12)
     with torch.no_grad():
         batched = hyper(ids, mask)
@@ -114,9 +124,20 @@ def test_target_errors(student):
     assert [t.layer for t in find_targets(student, ["self_attn.q_proj"])] == [3]
 
 
+def test_static_kind_is_the_bank_for_every_prompt(student):
+    static = build_hyper_lora(HyperLoRA.Config(**SMALL, kind="static"), student)
+    assert isinstance(static, StaticLoRA) and list(static.parameter_groups()) == ["bank"]
+    with torch.no_grad():
+        static.bank.B["self_attn_q_proj"].normal_()
+    lora = static(*prompts([10, 6], 12))
+    w = lora.weights["model.layers.3.self_attn.q_proj"]
+    assert torch.equal(w.B[0], static.bank.B["self_attn_q_proj"][0]) and torch.equal(w.A[0], w.A[1])
+    assert w.A.shape == (2, 4, 128) and w.B.shape[0::2] == (2, 4)
+
+
 def test_parameter_groups_partition_the_parameters(hyper):
     groups = hyper.parameter_groups()
-    assert list(groups)[:2] == ["encoder", "trunk"] and len(groups) == 2 + 7
+    assert list(groups)[:2] == ["encoder", "trunk"] and len(groups) == 2 + 7 + 1 and "bank" in groups
     grouped = [id(p) for params in groups.values() for p in params]
     assert sorted(grouped) == sorted(id(p) for p in hyper.parameters())
 
@@ -127,7 +148,7 @@ def test_config_loading_and_validation():
     assert HyperLoRA.Config(rank=16, alpha=32, rslora=True).scale == 8.0
     with pytest.raises(ConfigError, match="unknown"):
         load_config(HyperLoRA.Config, overrides=["ranks=8"])
-    for bad in (dict(rank=0), dict(targets=[]), dict(alpha=0.0), dict(encoder_dim=30, encoder_heads=4)):
+    for bad in (dict(rank=0), dict(targets=[]), dict(alpha=0.0), dict(encoder_dim=30, encoder_heads=4), dict(kind="mixed")):
         with pytest.raises(ValueError):
             HyperLoRA.Config(**bad)
 

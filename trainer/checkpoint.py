@@ -75,6 +75,32 @@ def resolve_resume(config: CheckpointConfig) -> Path | None:
     return path
 
 
+def checkpoint_path(path: str | Path) -> Path:
+    """``path`` if it is a complete checkpoint, else the latest complete checkpoint inside it."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a complete checkpoint (no .metadata) nor a directory holding one")
+    return found[-1]
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Collective: restore only ``model``'s state from checkpoint ``path`` (evaluation: no optimizer,
+    any world size)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    logger.info("weights loaded from %s", path)
+
+
+def read_train_state(path: Path, rank: int = 0) -> dict[str, Any]:
+    """Rank ``rank``'s train state (step, phase, data position, RNG) of checkpoint ``path``."""
+    with torch.serialization.safe_globals(list(_TRAIN_STATE_GLOBALS)):
+        return torch.load(path / f"train_state_rank{rank}.pt", weights_only=True)
+
+
 class Checkpointer:
     def __init__(self, config: CheckpointConfig, rank: int):
         self.config = config
@@ -126,8 +152,7 @@ class Checkpointer:
         # The checkpoint-age metric and alert count from the checkpoint we resumed from.
         self.last_save_time = (path / ".metadata").stat().st_mtime
         logger.info("resumed from %s", path)
-        with torch.serialization.safe_globals(list(_TRAIN_STATE_GLOBALS)):
-            return torch.load(own, weights_only=True)
+        return read_train_state(path, self.rank)
 
     def _prune(self, root: Path) -> None:
         for stale in root.glob("step_*.tmp"):

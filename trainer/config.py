@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
-from trainer.hypernetwork import HyperLoRA
+from trainer.hypernetwork import PARAMETER_GROUPS, HyperLoRA
 from trainer.teacher_client import TeacherClientConfig
 
 
@@ -67,6 +67,9 @@ class PhaseConfig:
 class OptimConfig:
     weight_decay: float = 0.01
     """AdamW weight decay (hypernetwork parameters only; the student is frozen)."""
+    lr_scales: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter group (``encoder``, ``trunk``, ``head``, ``bank``;
+    `HyperLoRA.parameter_groups`), applied to every phase's schedule; 1 when absent."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     grad_clip: float = 1.0
@@ -84,6 +87,10 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.accumulation_steps < 1 or self.grad_clip <= 0 or self.loss not in ("tail", "renorm"):
             raise ValueError("optim: need accumulation_steps >= 1, grad_clip > 0, loss in (tail, renorm)")
+        unknown = sorted(set(self.lr_scales) - set(PARAMETER_GROUPS))
+        if unknown or any(v <= 0 for v in self.lr_scales.values()):
+            raise ValueError(f"optim.lr_scales: groups must be among {PARAMETER_GROUPS} with scales > 0, "
+                             f"got {self.lr_scales}")
 
 
 @dataclass(kw_only=True)
@@ -113,9 +120,26 @@ class WandbConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     held_out: int = 0
-    """Examples held out of training (the last N prepared examples) for the held-out KL."""
+    """Examples held out of training (the last N prepared examples) for the evaluation arms
+    (``trainer/eval.py``); 0 turns evaluation off, and the prompt-swap arm needs at least 2."""
     every_steps: int = 0
     """Evaluate every N optimizer steps (0: only before and after training)."""
+    position_buckets: list[int] = field(default_factory=lambda: [0, 512, 2048, 8192, 32768])
+    """Left edges of the KL-by-position buckets (position of the target token in its sequence);
+    the last bucket is open-ended."""
+    static_checkpoint: str | None = None
+    """A checkpoint (``step_*`` directory, or a directory of them: the latest) of a static-LoRA
+    run (``hypernetwork.kind: static``), evaluated as the ``static`` arm."""
+
+    def __post_init__(self) -> None:
+        if self.held_out < 0 or self.held_out == 1:
+            raise ValueError(f"eval.held_out must be 0 (off) or >= 2 (the prompt-swap arm gives each example "
+                             f"another one's prompt), got {self.held_out}")
+        if self.static_checkpoint and not self.held_out:
+            raise ValueError("eval.static_checkpoint needs eval.held_out > 0 (the arms run on the held-out examples)")
+        edges = self.position_buckets
+        if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"eval.position_buckets must start at 0 and increase, got {edges}")
 
 
 @dataclass(kw_only=True)

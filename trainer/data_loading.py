@@ -44,15 +44,17 @@ class PhaseData:
                 if not remaining:
                     return
 
-    def held_out_batches(self) -> Iterator[tuple[Batch, float]]:
-        """(one-example batch, weight): this rank's share of the held-out set. Every rank yields
-        the same number (FSDP forwards are collective); padding repeats have weight 0."""
+    def held_out_batches(self) -> Iterator[tuple[Batch, float, int]]:
+        """(one-example batch, weight, its index in ``held_out``): this rank's share of the held-out
+        set. Every rank yields the same number (FSDP forwards are collective); padding repeats
+        (of example 0) have weight 0."""
         rank, world = self.dist.rank, self.dist.world_size
         count = len(self.held_out)
         for i in range(-(-count // world)):
             index = i * world + rank
             weight = 1.0 if index < count else 0.0
-            yield collate([self.held_out[index if weight else 0]], self.pad_id), weight
+            index = index if weight else 0
+            yield collate([self.held_out[index]], self.pad_id), weight, index
 
 
 def load_phase_data(config: TrainerConfig, phase: PhaseConfig, tokenizer, dist: DistInfo) -> PhaseData:

@@ -2,32 +2,31 @@
 
     prompt ids [B, P] --PromptEncoder--> context [B, E]
     context + layer embedding + module-type embedding --shared MLP trunk--> h [B, N, D]
-    h --one head per module type (shared across layers)--> A [B, r, in], B [B, out, r]
+    h --one head per module type (shared across layers)--> M [B, r, r] per target
+    A_b = M_b A,  B_b = B        (A [r, in], B [out, r]: a learned LoRA per target, the bank)
 
 for all N (layer, target) pairs at once. Cf. Sakana's Text-to-LoRA.
 
-Head design: shared bases with low-dimensional codes. A head that emits A and B directly
-is a linear map D -> r * (in + out): for ``in_proj_qkvz`` (2048 -> 12288) at r = 16 and
-D = 512 that is 117M parameters for one module type, 361M for the seven default targets.
-Instead each head emits, per (sample, layer), codes ``a [r, m]`` and ``b [m, r]`` and maps
-them through bases learned per module type and shared by its layers:
+Design. Each target has one learned LoRA, the bank (`LoRABank`, initialised as PEFT
+initialises a LoRA: A kaiming-uniform, B zero), and the prompt selects how its r rank
+directions combine: ``delta W_b = scale * B M_b A``. The heads are zero-initialised, so M = I
+and the hypernetwork *is* a static LoRA at step 0; `StaticLoRA` (``kind: static``) is the bank
+alone, the baseline every report compares with. This replaced a generator that emitted A and
+B as linear functions of h through shared bases (``code_dim``): there, one AdamW step moved the
+generated factors ~50x farther than a static LoRA's parameters (every head weight moves by ~lr
+in a coherent direction, and a code sums D of them), so its usable learning rate was tiny,
+the prompt encoder stayed at its random init, and it closed less of the teacher gap than one
+static LoRA (issue 12). Here the bank learns at a static LoRA's pace, and a head's output is
+scaled by 1/sqrt(D) so that M moves by a comparable amount per step.
 
-    A = a @ U_A   (U_A [m, in])        B = U_B @ b   (U_B [out, m])
+Cost: per target r * (in + out) bank parameters (a static LoRA's) and r * r generated numbers
+per prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies, as before.
+`python -m trainer.param_table` prints the counts for the real student.
 
-That is the direct head factored through an m-dimensional bottleneck per LoRA rank
-vector: D * 2rm + m * (in + out) parameters per type (2.0M for ``in_proj_qkvz`` at m = 64).
-The cost is expressiveness: every layer's A rows lie in the row space of U_A and B's
-columns in the column space of U_B, and ``code_dim`` (m) sets that trade-off; the layer
-embedding still gives every layer its own codes. `python -m trainer.param_table` prints the
-counts for the real student.
-
-Initialisation: the B-code layer is zero (weight and bias), so B = 0 exactly and the
-student's outputs are unchanged bit for bit at step 0. A has the scale of standard LoRA's
-kaiming-uniform(a=sqrt(5)) init, std 1/sqrt(3 in): the trunk ends in a LayerNorm, the
-A-code layer has std 1/sqrt(D) (unit-variance codes) and U_A ~ U(+-1/sqrt(m in)). As in
-standard LoRA, at step 0 only the B-code layers receive gradient (dL/dA = 0 since B = 0, and
-every other path to the encoder and trunk runs through the zero B-code weights); after the
-first optimizer step moves them off zero, every parameter group does.
+Initialisation: B = 0 exactly, so the student's outputs are unchanged bit for bit at step 0.
+As in standard LoRA, at step 0 only B receives gradient (dL/dA = 0 since B = 0, and the
+heads, trunk and encoder reach the loss only through B); after the first optimizer step
+moves B off zero, every parameter group does.
 """
 
 from __future__ import annotations
@@ -152,37 +151,69 @@ class PromptEncoder(nn.Module):
         return self.out_norm(pooled[:, 0])
 
 
-class LoRAHead(nn.Module):
-    """One module type's head, shared by its layers: h [B, n, D] -> A [B, n, r, in], B [B, n, out, r].
+class LoRABank(nn.Module):
+    """One learned LoRA per target, stacked by module type: A [L, r, in], B [L, out, r].
 
-    Codes a [r, m], b [m, r] are linear in h; A = a @ U_A, B = U_B @ b (see the module docstring).
+    Initialised as PEFT initialises a LoRA: A kaiming-uniform(a=sqrt(5)) per layer, B zero.
+    It is the static adapter (`StaticLoRA`) and the bases that `HyperLoRA` mixes per prompt.
     """
 
-    def __init__(self, dim: int, rank: int, code_dim: int, in_features: int, out_features: int):
+    def __init__(self, targets: Sequence[Target], rank: int):
         super().__init__()
-        self.rank, self.code_dim = rank, code_dim
-        self.code_a = nn.Linear(dim, rank * code_dim)
-        self.code_b = nn.Linear(dim, code_dim * rank)
-        self.basis_a = nn.Parameter(torch.empty(code_dim, in_features))
-        self.basis_b = nn.Parameter(torch.empty(out_features, code_dim))
-        self.reset_parameters()
+        self.targets = list(targets)
+        self.kinds = list(dict.fromkeys(t.kind for t in self.targets))
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        for kind in self.kinds:
+            group = self.group(kind)
+            a = torch.empty(len(group), rank, group[0].in_features)
+            for layer in a:
+                nn.init.kaiming_uniform_(layer, a=math.sqrt(5))
+            self.A[_key(kind)] = nn.Parameter(a)
+            self.B[_key(kind)] = nn.Parameter(torch.zeros(len(group), group[0].out_features, rank))
 
-    def reset_parameters(self) -> None:
-        """B-code layer zero (B = 0); unit-variance A codes; A std 1/sqrt(3 in) like LoRA's A."""
-        nn.init.normal_(self.code_a.weight, std=self.code_a.in_features**-0.5)
-        nn.init.zeros_(self.code_a.bias)
-        nn.init.zeros_(self.code_b.weight)
-        nn.init.zeros_(self.code_b.bias)
-        bound_a = (self.code_dim * self.basis_a.shape[1]) ** -0.5
-        nn.init.uniform_(self.basis_a, -bound_a, bound_a)
-        bound_b = self.code_dim**-0.5
-        nn.init.uniform_(self.basis_b, -bound_b, bound_b)
+    def group(self, kind: str) -> list[Target]:
+        """The targets of one module type, in layer order (the rows of its stacked factors)."""
+        return [t for t in self.targets if t.kind == kind]
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, n = h.shape[:2]
-        code_a = self.code_a(h).view(batch, n, self.rank, self.code_dim)
-        code_b = self.code_b(h).view(batch, n, self.code_dim, self.rank)
-        return code_a @ self.basis_a, self.basis_b @ code_b
+    def factors(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [L, r, in] and B [L, out, r] of one module type."""
+        return self.A[_key(kind)], self.B[_key(kind)]
+
+    def lora(self, a_by_kind: dict[str, torch.Tensor], batch: int, scale: float) -> GeneratedLoRA:
+        """`GeneratedLoRA` from per-sample A [B, L, r, in] per module type and the bank's B."""
+        weights = {}
+        for kind in self.kinds:
+            b = self.B[_key(kind)].expand(batch, -1, -1, -1)
+            weights.update({t.name: LoRAWeights(a_by_kind[kind][:, j], b[:, j], kind)
+                            for j, t in enumerate(self.group(kind))})
+        return GeneratedLoRA(weights=weights, scale=scale)
+
+
+class StaticLoRA(nn.Module):
+    """``hypernetwork.kind: static``: one LoRA per target, the same for every prompt.
+
+    The baseline a hypernetwork has to beat, trained through the same loop, loss, data,
+    checkpoints and metrics; it ignores the prompt.
+    """
+
+    def __init__(self, config: HyperLoRA.Config, targets: Sequence[Target]):
+        super().__init__()
+        self.config = config
+        self.bank = LoRABank(targets, config.rank)
+
+    @property
+    def targets(self) -> list[Target]:
+        return self.bank.targets
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> GeneratedLoRA:
+        """The bank's LoRA for each of the B prompts (expanded, not copied)."""
+        batch = prompt_ids.shape[0]
+        a = {kind: self.bank.factors(kind)[0].expand(batch, -1, -1, -1) for kind in self.bank.kinds}
+        return self.bank.lora(a, batch, self.config.scale)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One group, ``bank``."""
+        return {"bank": list(self.bank.parameters())}
 
 
 class _TrunkBlock(nn.Module):
@@ -198,41 +229,45 @@ class _TrunkBlock(nn.Module):
 
 
 class LoRAGenerator(nn.Module):
-    """Context [B, E] -> per-sample LoRA factors for every target (batch-first)."""
+    """Context [B, E] -> a mixing matrix M [B, r, r] per target: M = I + (W_kind h) / sqrt(D).
+
+    h [B, N, D] is the trunk's output for (context, layer, module type); the last layer of
+    each module type's head is zero-initialised, so M = I at init. The factor 1/sqrt(D) keeps
+    an optimizer step's change of M comparable to a bank parameter's: without it, Adam moves
+    every weight of the head by ~lr in a coherent direction and M by ~lr * D.
+    """
 
     def __init__(self, config: HyperLoRA.Config, targets: Sequence[Target]):
         super().__init__()
         self.targets = list(targets)
         self.kinds = list(dict.fromkeys(t.kind for t in self.targets))
-        dim = config.trunk_dim
+        self.rank, dim = config.rank, config.trunk_dim
         self.context_proj = nn.Linear(config.encoder_dim, dim)
         self.layer_embed = nn.Embedding(max(t.layer for t in self.targets) + 1, dim)
         self.type_embed = nn.Embedding(len(self.kinds), dim)
         self.trunk = nn.Sequential(*(_TrunkBlock(dim) for _ in range(config.trunk_layers)), nn.LayerNorm(dim))
-        self.heads = nn.ModuleDict()
-        for kind in self.kinds:
-            first = next(t for t in self.targets if t.kind == kind)
-            self.heads[_key(kind)] = LoRAHead(dim, config.rank, config.code_dim, first.in_features, first.out_features)
-        self.register_buffer("target_layers", torch.tensor([t.layer for t in self.targets]), persistent=False)
-        kind_ids = [self.kinds.index(t.kind) for t in self.targets]
-        self.register_buffer("target_kinds", torch.tensor(kind_ids), persistent=False)
-        self.scale = config.scale
+        self.heads = nn.ModuleDict({_key(kind): nn.Linear(dim, self.rank * self.rank) for kind in self.kinds})
+        for head in self.heads.values():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        self.out_scale = dim**-0.5
+        order = [t for kind in self.kinds for t in self.targets if t.kind == kind]  # grouped by kind
+        self.register_buffer("target_layers", torch.tensor([t.layer for t in order]), persistent=False)
+        self.register_buffer("target_kinds", torch.tensor([self.kinds.index(t.kind) for t in order]),
+                             persistent=False)
 
-    def forward(self, context: torch.Tensor) -> GeneratedLoRA:
-        """context: float [B, E] -> A float32 [B, r, in], B float32 [B, out, r] per target module."""
+    def forward(self, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """context: float [B, E] -> M float32 [B, L, r, r] per module type (its layers in order)."""
         embeds = self.layer_embed(self.target_layers) + self.type_embed(self.target_kinds)  # [N, D]
-        h = self.trunk(self.context_proj(context)[:, None] + embeds)  # [B, N, D], targets grouped by kind
-        weights, start = {}, 0
+        h = self.trunk(self.context_proj(context)[:, None] + embeds)  # [B, N, D]
+        eye = torch.eye(self.rank, device=h.device, dtype=h.dtype)
+        mixing, start = {}, 0
         for kind in self.kinds:
-            group = [t for t in self.targets if t.kind == kind]
-            a, b = self.head(kind)(h[:, start : start + len(group)])
-            weights.update({t.name: LoRAWeights(a[:, j], b[:, j], kind) for j, t in enumerate(group)})
-            start += len(group)
-        return GeneratedLoRA(weights=weights, scale=self.scale)
-
-    def head(self, kind: str) -> LoRAHead:
-        """The head of one module type."""
-        return self.heads[_key(kind)]
+            n = sum(t.kind == kind for t in self.targets)
+            m = self.heads[_key(kind)](h[:, start : start + n]) * self.out_scale
+            mixing[kind] = m.view(*m.shape[:2], self.rank, self.rank) + eye
+            start += n
+        return mixing
 
 
 def _key(kind: str) -> str:
@@ -241,14 +276,17 @@ def _key(kind: str) -> str:
 
 
 class HyperLoRA(nn.Module):
-    """PromptEncoder + LoRAGenerator: prompt ids -> `GeneratedLoRA` for `hyper_lora`."""
+    """PromptEncoder + LoRAGenerator + LoRABank: prompt ids -> `GeneratedLoRA` for `hyper_lora`."""
 
     @dataclass(kw_only=True)
     class Config:
+        kind: str = "hyper"
+        """``hyper``: a LoRA generated per prompt; ``static``: one LoRA per target shared by every
+        prompt (the baseline; the encoder fields are then unused)."""
         targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
         """Target module names, matched as suffixes of the student's module names; one head each."""
         rank: int = 16
-        """LoRA rank r."""
+        """LoRA rank r (of the bank, and of every generated adapter)."""
         alpha: float = 32.0
         """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with ``rslora``)."""
         rslora: bool = False
@@ -265,14 +303,14 @@ class HyperLoRA(nn.Module):
         """Width D of the shared MLP trunk (and of the layer and module-type embeddings)."""
         trunk_layers: int = 2
         """Residual MLP blocks in the trunk."""
-        code_dim: int = 64
-        """m: size of the per-rank-vector codes the heads emit, mapped through learned bases."""
 
         def __post_init__(self) -> None:
+            if self.kind not in KINDS:
+                raise ValueError(f"hypernetwork.kind must be one of {KINDS}, got {self.kind!r}")
             if not self.targets or len(set(self.targets)) != len(self.targets):
                 raise ValueError(f"hypernetwork.targets must be non-empty and unique, got {self.targets}")
             for name in ("rank", "max_prompt_tokens", "encoder_dim", "encoder_layers", "encoder_heads",
-                         "trunk_dim", "trunk_layers", "code_dim"):
+                         "trunk_dim", "trunk_layers"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"hypernetwork.{name} must be >= 1, got {getattr(self, name)}")
             if self.alpha <= 0:
@@ -290,33 +328,55 @@ class HyperLoRA(nn.Module):
         self.config = config
         self.encoder = PromptEncoder(config, embed)
         self.generator = LoRAGenerator(config, targets)
+        self.bank = LoRABank(targets, config.rank)
 
     @property
     def targets(self) -> list[Target]:
-        return self.generator.targets
+        return self.bank.targets
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> GeneratedLoRA:
-        """prompt_ids: int [B, P]; prompt_mask: bool [B, P] -> LoRA for every target, batch B."""
-        return self.generator(self.encoder(prompt_ids, prompt_mask))
+        """prompt_ids: int [B, P]; prompt_mask: bool [B, P] -> LoRA for every target, batch B:
+        A_b = M_b A (M_b [r, r] generated from prompt b), B_b = B."""
+        mixing = self.generator(self.encoder(prompt_ids, prompt_mask))
+        a = {kind: m @ self.bank.factors(kind)[0] for kind, m in mixing.items()}  # [B, L, r, in]
+        return self.bank.lora(a, prompt_ids.shape[0], self.config.scale)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by group: ``encoder``, ``trunk`` (embeddings and MLP), ``head:<kind>``."""
+        """Parameters by group: ``encoder``, ``trunk`` (embeddings and MLP), ``head:<kind>``, ``bank``."""
         gen = self.generator
         trunk = (gen.context_proj, gen.layer_embed, gen.type_embed, gen.trunk)
         groups = {"encoder": list(self.encoder.parameters()), "trunk": [p for m in trunk for p in m.parameters()]}
-        groups.update({f"head:{kind}": list(gen.head(kind).parameters()) for kind in gen.kinds})
+        groups.update({f"head:{kind}": list(gen.heads[_key(kind)].parameters()) for kind in gen.kinds})
+        groups["bank"] = list(self.bank.parameters())
         return groups
 
 
-def build_hyper_lora(config: HyperLoRA.Config, student: nn.Module) -> HyperLoRA:
-    """Freeze `student`, wrap its targets for `hyper_lora` and build the hypernetwork for them."""
+KINDS = ("hyper", "static")
+PARAMETER_GROUPS = ("encoder", "trunk", "head", "bank")
+"""The names of `parameter_groups` (``head:<kind>`` counts as ``head``)."""
+Adapter = HyperLoRA | StaticLoRA
+"""What `build_hyper_lora` returns: prompt ids -> `GeneratedLoRA`, with ``targets``, ``config``
+and ``parameter_groups()``."""
+
+
+def build_adapter(config: HyperLoRA.Config, targets: Sequence[Target], embed: nn.Embedding) -> Adapter:
+    """The adapter that ``config.kind`` names, for `targets` (no student changes)."""
+    if config.kind == "static":
+        return StaticLoRA(config, targets)
+    return HyperLoRA(config, targets, embed)
+
+
+def build_hyper_lora(config: HyperLoRA.Config, student: nn.Module) -> Adapter:
+    """Freeze `student`, wrap its targets for `hyper_lora` and build the adapter for them
+    (a hypernetwork, or one static LoRA with ``kind: static``)."""
     student.requires_grad_(False)
     targets = find_targets(student, config.targets)
     wrap_targets(student, [t.name for t in targets])
-    hyper = HyperLoRA(config, targets, student.get_input_embeddings())
+    adapter = build_adapter(config, targets, student.get_input_embeddings())
     log.info(
-        "HyperLoRA: %d targets over %d module types, %.2fM trainable parameters, %.2fM generated numbers per prompt",
-        len(targets), len(hyper.generator.kinds), sum(p.numel() for p in hyper.parameters()) / 1e6,
+        "%s: %d targets over %d module types, %.2fM trainable parameters, %.2fM LoRA numbers per prompt",
+        type(adapter).__name__, len(targets), len(adapter.bank.kinds),
+        sum(p.numel() for p in adapter.parameters()) / 1e6,
         sum(config.rank * (t.in_features + t.out_features) for t in targets) / 1e6,
     )
-    return hyper
+    return adapter

@@ -80,6 +80,33 @@ def topk_kl_loss(
     return total / num_tokens
 
 
+@torch.no_grad()
+def topk_kl_per_position(
+    hidden: torch.Tensor,
+    lm_head: nn.Module | torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mode: str = "tail",
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """The KL of each position, without gradient: the summands of `topk_kl_loss`.
+
+    hidden: float [M, H] final hidden states of the positions to score; teacher_ids: int [M, K];
+    teacher_logprobs: float [M, K]. Returns float32 [M]. Logits are computed ``chunk_size``
+    positions at a time, as in `topk_kl_loss`.
+    """
+    _check_args(hidden[None], teacher_ids[None], teacher_logprobs[None], hidden.new_ones(1, hidden.shape[0]),
+                temperature, mode, chunk_size)
+    weight = _head_weight(lm_head)
+    lp = teacher_logprobs.float().clamp_min(_LOG_TINY)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for part in _chunks(hidden.shape[0], chunk_size):
+        _chunk_kl(hidden[part], weight, teacher_ids[part].long(), lp[part], temperature, mode, per_position=out[part])
+    return out
+
+
 class _ChunkedTopKKL(torch.autograd.Function):
     """Summed KL of M positions; both gradients are computed in forward, chunk by chunk."""
 
@@ -115,11 +142,14 @@ def _chunk_kl(
     mode: str,
     grad_h: torch.Tensor | None = None,
     grad_w: torch.Tensor | None = None,
+    per_position: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed KL of C positions; writes dKL/dh into `grad_h` and adds dKL/dweight to `grad_w` if given.
+    """Summed KL of C positions; writes dKL/dh into `grad_h` and adds dKL/dweight to `grad_w` if given,
+    and each position's KL into `per_position` if given.
 
     h: [C, H]; weight: [V, H] (h's dtype); ids: int64 [C, K]; lp: float32 [C, K], floored at
-    log(tiny); grad_h: [C, H] (h's dtype); grad_w: float32 [V, H]. Returns float32 [].
+    log(tiny); grad_h: [C, H] (h's dtype); grad_w: float32 [V, H]; per_position: float32 [C].
+    Returns float32 [].
     """
     if mode == "renorm":
         rows = weight[ids]  # [C, K, H]
@@ -140,6 +170,8 @@ def _chunk_kl(
     student = torch.log_softmax(student / temperature, dim=1)
     kl = (teacher.exp() * (teacher - student)).sum(1, keepdim=True)
     total = kl.clamp_min(0).sum() * temperature**2  # float rounding may dip below 0: clamped, no gradient
+    if per_position is not None:
+        per_position.copy_(kl[:, 0].clamp_min(0) * temperature**2)
     if grad_h is None and grad_w is None:
         return total
     g = (student.exp() - teacher.exp()) * (temperature * (kl >= 0))  # dKL/d(buckets) [C, K(+1)]

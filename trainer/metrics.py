@@ -24,3 +24,12 @@ LORA_NORM = Gauge("trainer_lora_norm", "Mean norm of the generated LoRA by modul
                   ["rank", "module", "factor"])
 LAST_CHECKPOINT = Gauge("trainer_last_checkpoint_timestamp_seconds", "Unix time of the last saved checkpoint.", ["rank"])
 PHASE = Gauge("trainer_phase_index", "Index of the current training phase in the config's phase list.", ["rank"])
+# The latest held-out evaluation (trainer/eval.py), one series per arm: none, generated, prompt_swap, static.
+EVAL_KL = Gauge("trainer_eval_kl", "Held-out top-K KL per assistant token, by evaluation arm.", ["rank", "arm"])
+EVAL_TOP1_AGREEMENT = Gauge("trainer_eval_top1_agreement",
+                            "Held-out share of assistant tokens where the student's argmax is the teacher's top-1.",
+                            ["rank", "arm"])
+EVAL_TEACHER_NLL = Gauge("trainer_eval_teacher_nll",
+                         "Held-out student negative log-likelihood of the teacher's top-1 token (nats).", ["rank", "arm"])
+EVAL_GAP_CLOSED = Gauge("trainer_eval_gap_closed", "1 - KL(arm) / KL(no LoRA) on the held-out examples.",
+                        ["rank", "arm"])

@@ -68,8 +68,13 @@ def build_models(cfg: TrainerConfig, dist: DistInfo, tokenizer=None) -> tuple[Pr
     load_sharded_weights(student, Path(cfg.student.path))
     if cfg.student.gradient_checkpointing:
         enable_gradient_checkpointing(student)
-    fully_shard(hyper, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
-    return student, hyper.to(dist.device)
+    return student, shard_adapter(hyper, dist.device)
+
+
+def shard_adapter(adapter: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 over the hypernetwork (or any adapter), in float32, on ``device``."""
+    fully_shard(adapter, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+    return adapter.to(device)
 
 
 def student_dtype(cfg: StudentConfig, device: torch.device) -> torch.dtype:

@@ -2,9 +2,9 @@
 
 Builds `Qwen3NextForCausalLM` from the published config values on the meta device (no
 memory, no download), discovers the LoRA targets, builds the hypernetwork on meta and prints
-per module type: layers, shapes, numbers generated per prompt, head parameters (and what a
-direct head would cost), then the encoder / trunk / total trainable parameters.
-Overrides are hypernetwork config fields, e.g. ``rank=32 code_dim=128``.
+per module type: layers, shapes, LoRA numbers per prompt, bank parameters (a static LoRA's),
+the generated mixing numbers and head parameters, then the encoder / trunk / total trainable
+parameters. Overrides are hypernetwork config fields, e.g. ``rank=32 trunk_dim=256``.
 """
 
 from __future__ import annotations
@@ -49,24 +49,23 @@ def _count(params) -> int:
 
 
 def table_rows(config: HyperLoRA.Config, hyper: HyperLoRA) -> list[tuple]:
-    """Per module type: (target, layers, shape, A, B, generated per layer, per prompt, head, direct head)."""
+    """Per module type: (target, layers, shape, A, B, LoRA per prompt, bank params, mixing per prompt, head)."""
     r, groups, rows = config.rank, hyper.parameter_groups(), []
-    for kind in hyper.generator.kinds:
-        layers = [t for t in hyper.targets if t.kind == kind]
+    for kind in hyper.bank.kinds:
+        layers = hyper.bank.group(kind)
         i, o = layers[0].in_features, layers[0].out_features
-        per_layer = r * (i + o)
-        direct = (config.trunk_dim + 1) * per_layer
-        rows.append((kind, len(layers), f"{i} -> {o}", f"[{r}, {i}]", f"[{o}, {r}]", per_layer,
-                     per_layer * len(layers), _count(groups[f"head:{kind}"]), direct))
-    rows.append(("total", sum(row[1] for row in rows), "", "", "", "",
-                 *(sum(row[j] for row in rows) for j in (6, 7, 8))))
+        lora = r * (i + o) * len(layers)
+        rows.append((kind, len(layers), f"{i} -> {o}", f"[{r}, {i}]", f"[{o}, {r}]", lora, lora,
+                     r * r * len(layers), _count(groups[f"head:{kind}"])))
+    rows.append(("total", sum(row[1] for row in rows), "", "", "",
+                 *(sum(row[j] for row in rows) for j in (5, 6, 7, 8))))
     return rows
 
 
 def format_table(rows: list[tuple]) -> list[str]:
     """Aligned text lines: header, rule, the module types, rule, the total row."""
-    header = ("target", "layers", "in -> out", "A [r, in]", "B [out, r]", "gen/layer", "gen/prompt",
-              "head params", "direct head")
+    header = ("target", "layers", "in -> out", "A [r, in]", "B [out, r]", "LoRA/prompt", "bank params",
+              "mixing/prompt", "head params")
     cells = [header] + [tuple(f"{c:,}" if isinstance(c, int) else c for c in row) for row in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(header))]
     lines = ["  ".join(c.ljust(w) if j < 5 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
@@ -78,22 +77,22 @@ def format_table(rows: list[tuple]) -> list[str]:
 def render(config: HyperLoRA.Config, student: torch.nn.Module, hyper: HyperLoRA) -> str:
     """The table and totals as text."""
     rows = table_rows(config, hyper)
-    per_prompt, groups = rows[-1][6], hyper.parameter_groups()
+    per_prompt, groups = rows[-1][5], hyper.parameter_groups()
     heads = sum(_count(params) for name, params in groups.items() if name.startswith("head:"))
     cfg = student.config
     return "\n".join([
         f"HyperLoRA for Qwen3-Coder-Next (Qwen3NextConfig on meta: {cfg.num_hidden_layers} layers, hidden "
         f"{cfg.hidden_size}, {_count(student.parameters()) / 1e9:.2f}B student params, frozen)",
-        f"rank {config.rank}, scale {config.scale:g}{' (rsLoRA)' if config.rslora else ''}, code_dim "
-        f"{config.code_dim}, encoder {config.encoder_layers}x{config.encoder_dim}, trunk "
-        f"{config.trunk_layers}x{config.trunk_dim}, prompt cap {config.max_prompt_tokens} tokens",
+        f"rank {config.rank}, scale {config.scale:g}{' (rsLoRA)' if config.rslora else ''}, encoder "
+        f"{config.encoder_layers}x{config.encoder_dim}, trunk {config.trunk_layers}x{config.trunk_dim}, "
+        f"prompt cap {config.max_prompt_tokens} tokens",
         "",
         *format_table(rows),
         "",
-        "direct head: a Linear(trunk_dim -> r * (in + out)) per module type, for comparison",
-        f"generated per prompt: {per_prompt:,} numbers = {per_prompt * 4 / 2**20:.1f} MiB in float32",
+        "per prompt: A_b = M_b A, B_b = B, with the bank's A, B and a generated r x r mixing matrix M_b per target",
+        f"LoRA per prompt: {per_prompt:,} numbers = {per_prompt * 4 / 2**20:.1f} MiB in float32",
         f"trainable: encoder {_count(groups['encoder']):,} + trunk {_count(groups['trunk']):,} + heads "
-        f"{heads:,} = {_count(hyper.parameters()):,}",
+        f"{heads:,} + bank {_count(groups['bank']):,} = {_count(hyper.parameters()):,}",
     ])
 
 

@@ -184,3 +184,26 @@ def iterate_batches(
     for indices in sampler:
         state = sampler.state_dict()
         yield collate(dataset.__getitems__(indices), pad_id), state
+
+
+def batch_sequences(batch: Batch) -> list[np.ndarray]:
+    """The unpadded token ids of each row, int32 [T_i] (what the teacher scores)."""
+    lengths = batch.attention_mask.sum(1).tolist()
+    return [batch.input_ids[row, :n].numpy().astype(np.int32) for row, n in enumerate(lengths)]
+
+
+def teacher_tensors(batch: Batch, topk: Sequence[Any],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-K per row (``common.codec.TopK``) padded to the batch: ids int64
+    [B, T-1, K], logprobs float32 [B, T-1, K] and mask bool [B, T-1] (position t counts when
+    token t+1 is an assistant token)."""
+    rows, width = batch.input_ids.shape
+    k = topk[0].top_k
+    ids = torch.zeros(rows, width - 1, k, dtype=torch.int64)
+    logprobs = torch.zeros(rows, width - 1, k, dtype=torch.float32)
+    for row, result in enumerate(topk):
+        n = result.num_positions
+        ids[row, :n] = torch.from_numpy(result.ids.astype(np.int64))
+        logprobs[row, :n] = torch.from_numpy(result.logprobs)
+    mask = batch.loss_mask[:, 1:].clone()
+    return ids.to(device), logprobs.to(device), mask.to(device)

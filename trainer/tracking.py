@@ -38,13 +38,16 @@ class RunLog:
             flat = {f"lora/{m}/{f}": v for m, norms in lora_norms.items() for f, v in norms.items()}
             self._wandb.log({**{k: v for k, v in record.items() if k != "phase"}, **flat}, step=record["step"])
 
-    def eval(self, step: int, held_out_kl: float) -> None:
+    def eval(self, step: int, record: dict, scalars: dict[str, float]) -> None:
+        """An evaluation (``trainer/eval.py``): ``record`` (``held_out_kl`` and the arms) to log.jsonl,
+        the flat ``scalars`` to wandb."""
         if self.rank != 0:
             return
-        logger.info("step %d held-out KL %.4f", step, held_out_kl)
-        self._write({"step": step, "held_out_kl": held_out_kl})
+        logger.info("step %d held-out KL %.4f (%s)", step, record["held_out_kl"],
+                    ", ".join(f"{arm} {values['kl']:.4f}" for arm, values in record["arms"].items()))
+        self._write({"step": step, **record})
         if self._wandb is not None:
-            self._wandb.log({"held_out_kl": held_out_kl}, step=step)
+            self._wandb.log(scalars, step=step)
 
     def _write(self, record: dict) -> None:
         self._log.write(json.dumps(record) + "\n")

@@ -15,6 +15,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,11 +28,12 @@ from trainer.checkpoint import Checkpointer, resolve_resume
 from trainer.config import OptimConfig, PhaseConfig, TrainerConfig
 from trainer.data_loading import PhaseData, load_phase_data
 from trainer.distributed import all_reduce_sum, close_distributed, init_distributed
+from trainer.eval import EvalReport, eval_adapters, evaluate_held_out, publish
 from trainer.hypernetwork import HyperLoRA
 from trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
 from trainer.loss import topk_kl_loss
 from trainer.model import build_models
-from trainer.sampler import Batch
+from trainer.sampler import Batch, batch_sequences, teacher_tensors
 from trainer.teacher_client import TeacherClient
 from trainer.tracking import RunLog
 
@@ -46,6 +48,8 @@ class StepStats:
     grad_norm: float
     teacher_wait: float
     seconds: float
+    lora_norms: dict[str, dict[str, float]] | None = None
+    """Per module type, at logging steps only (`lora_norms` syncs the device)."""
 
 
 class Trainer:
@@ -64,14 +68,12 @@ class Trainer:
         _seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.student.path, cfg.student.chat_template)
         self.student, self.hyper = build_models(cfg, self.dist, self.tokenizer)
-        self.optimizer = torch.optim.AdamW(
-            self.hyper.parameters(), lr=cfg.phases[0].lr, betas=tuple(cfg.optim.betas),
-            weight_decay=cfg.optim.weight_decay,
-        )
+        self.optimizer = build_optimizer(self.hyper, cfg.optim, cfg.phases[0].lr)
         self.teacher = TeacherClient(cfg.teacher)
         self.teacher.start(self.student.config.vocab_size, tokenizer_fingerprint(self.tokenizer))
         self.checkpointer = Checkpointer(cfg.checkpoint, self.dist.rank)
         self.run_log = RunLog(cfg, self.dist.rank)
+        self.adapters = eval_adapters(cfg, self.student, self.hyper, self.dist.device) if cfg.eval.held_out else {}
         self.sampler_state = None
         resume = resolve_resume(cfg.checkpoint)
         if resume is not None:
@@ -102,9 +104,9 @@ class Trainer:
 
     # ---- training -----------------------------------------------------------------------
     def train(self) -> None:
-        """Every phase from the resumed position on; held-out KL before (fresh runs) and after."""
+        """Every phase from the resumed position on; the evaluation arms before (fresh runs) and after."""
         if self.config.eval.held_out and self.step == 0:
-            self.run_log.eval(self.step, self.evaluate())
+            self.evaluate()
         for index in range(self.phase_index, len(self.config.phases)):
             phase = self.config.phases[index]
             if index != self.phase_index:
@@ -118,7 +120,7 @@ class Trainer:
                 return
         self.save_checkpoint()
         if self.config.eval.held_out:
-            self.run_log.eval(self.step, self.evaluate())
+            self.evaluate()
 
     def _run_phase(self, phase: PhaseConfig, data: PhaseData) -> bool:
         """Train the rest of ``phase``; False when ``stop_after_steps`` ended it early."""
@@ -129,7 +131,8 @@ class Trainer:
                     phase.name, self.step, self.phase_step, total, data.sampler.epoch, phase.lr, data.max_length)
         batches = data.batches((total - self.phase_step) * accumulation)
         window, started = [], time.perf_counter()
-        for (batch, sampler_state), topk, waited in self.teacher.prefetch(batches, _teacher_sequences):
+        stream = self.teacher.prefetch(batches, lambda item: batch_sequences(item[0]))
+        for (batch, sampler_state), topk, waited in stream:
             window.append((batch, topk, waited))
             if len(window) < accumulation:
                 continue
@@ -159,11 +162,15 @@ class Trainer:
         counts = sum(int(batch.loss_mask[:, 1:].sum()) for batch, _, _ in window)
         tokens = sum(int(batch.attention_mask.sum()) for batch, _, _ in window)
         window_tokens, global_tokens = all_reduce_sum([counts, tokens], device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum, norms = torch.zeros((), dtype=torch.float64, device=device), None
         for i, (batch, topk, _) in enumerate(window):
             self.hyper.set_requires_gradient_sync(i == len(window) - 1)
-            ids, logprobs, mask = _teacher_tensors(batch, topk, device)
-            loss = self._loss(batch, ids, logprobs, mask, max(window_tokens, 1.0))
+            ids, logprobs, mask = teacher_tensors(batch, topk, device)
+            loss, lora = distill_loss(self.student, self.hyper, batch, ids, logprobs, mask, max(window_tokens, 1.0),
+                                      self.config.optim, device)
+            if i == len(window) - 1 and (self.step + 1) % self.config.metrics.log_every_steps == 0:
+                # Before backward: the factors may be views of parameters FSDP frees afterwards.
+                norms = lora_norms(lora)
             # FSDP averages gradients over ranks; the loss is already a global mean.
             (loss * world).backward()
             loss_sum += loss.detach()
@@ -173,17 +180,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         (global_loss,) = all_reduce_sum([loss_sum], device)
         return StepStats(global_loss, int(global_tokens), int(window_tokens), grad_norm,
-                         sum(w for _, _, w in window), time.perf_counter() - start)
-
-    def _loss(self, batch: Batch, teacher_ids, teacher_logprobs, mask, num_tokens: float) -> torch.Tensor:
-        loss, self._last_lora = distill_loss(self.student, self.hyper, batch, teacher_ids, teacher_logprobs, mask,
-                                             num_tokens, self.config.optim, self.dist.device)
-        return loss
+                         sum(w for _, _, w in window), time.perf_counter() - start, norms)
 
     def _set_lr(self, phase: PhaseConfig, total: int) -> None:
         lr = phase_lr(phase, self.phase_step, total)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         self._lr = lr
 
     def _after_step(self, phase: PhaseConfig, stats: StepStats) -> None:
@@ -194,17 +196,16 @@ class Trainer:
             "tokens_per_s": stats.tokens / stats.seconds, "step_s": stats.seconds, "teacher_wait_s": stats.teacher_wait,
         }
         self._export_metrics(stats)
-        if self.step % cfg.metrics.log_every_steps == 0:
-            # lora_norms syncs the device: only at the logging interval.
-            norms = lora_norms(self._last_lora)
+        if stats.lora_norms is not None:
+            norms = stats.lora_norms
             for module, values in norms.items():
                 for factor, value in values.items():
                     metrics.LORA_NORM.labels(rank=self.dist.rank, module=module, factor=factor).set(value)
             self.run_log.step(record, norms)
         if self.step % cfg.checkpoint.every_steps == 0:
             self.save_checkpoint()
-        if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-            self.run_log.eval(self.step, self.evaluate())
+        if cfg.eval.held_out and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+            self.evaluate()
 
     def _export_metrics(self, stats: StepStats) -> None:
         r = self.dist.rank
@@ -220,17 +221,14 @@ class Trainer:
         metrics.PREFETCH_DEPTH.labels(rank=r).set(self.teacher.prefetch_depth)
 
     # ---- evaluation and checkpoints -----------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean top-K KL per assistant token over the held-out examples (all ranks)."""
+    def evaluate(self) -> EvalReport:
+        """Every evaluation arm on the held-out examples (all ranks), written to ``<run_dir>/eval``,
+        log.jsonl, wandb and the ``trainer_eval_*`` gauges (``trainer/eval.py``)."""
         data = self._data or load_phase_data(self.config, self.config.phases[self.phase_index], self.tokenizer, self.dist)
-        total, count = torch.zeros((), dtype=torch.float64, device=self.dist.device), 0.0
-        for (batch, weight), topk, _ in self.teacher.prefetch(data.held_out_batches(), _teacher_sequences):
-            ids, logprobs, mask = _teacher_tensors(batch, topk, self.dist.device)
-            total += weight * self._loss(batch, ids, logprobs, mask, 1.0)
-            count += weight * int(batch.loss_mask[:, 1:].sum())
-        total, count = all_reduce_sum([total, count], self.dist.device)
-        return total / max(count, 1.0)
+        report = evaluate_held_out(self.config, data, self.student, self.adapters, self.teacher, self.dist.device)
+        publish(report, self.step, Path(self.config.run_dir) / "eval", self.dist.rank)
+        self.run_log.eval(self.step, report.record(), report.scalars())
+        return report
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "phase_index": self.phase_index, "phase_step": self.phase_step,
@@ -246,6 +244,17 @@ class Trainer:
         if getattr(self, "metrics_server", None) is not None:
             self.metrics_server.shutdown()
         close_distributed()
+
+
+def build_optimizer(adapter: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW over the adapter's parameter groups (``adapter.parameter_groups()``), each at the
+    phase's learning rate times its ``optim.lr_scales`` entry (matched by the group name before
+    ``:``, e.g. ``head`` for ``head:self_attn.q_proj``; 1 when absent)."""
+    groups = [{"params": params, "name": name, "lr_scale": optim.lr_scales.get(name.split(":")[0], 1.0)}
+              for name, params in adapter.parameter_groups().items()]
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
 
 
 def phase_lr(phase: PhaseConfig, step: int, total: int) -> float:
@@ -276,28 +285,6 @@ def distill_loss(student, hyper: HyperLoRA, batch: Batch, teacher_ids: torch.Ten
         temperature=optim.temperature, mode=optim.loss, chunk_size=optim.logits_chunk_positions,
     )
     return loss, lora
-
-
-def _teacher_sequences(item) -> list[np.ndarray]:
-    """The unpadded token ids of each example of a micro-batch (what the teacher scores)."""
-    batch = item[0] if isinstance(item, tuple) else item
-    lengths = batch.attention_mask.sum(1).tolist()
-    return [batch.input_ids[row, :n].numpy().astype(np.int32) for row, n in enumerate(lengths)]
-
-
-def _teacher_tensors(batch: Batch, topk: list, device: torch.device):
-    """Teacher top-K per example -> ids int64 [B, T-1, K], logprobs float32 [B, T-1, K] and
-    mask bool [B, T-1] (position t counts when token t+1 is an assistant token)."""
-    rows, width = batch.input_ids.shape
-    k = topk[0].top_k
-    ids = torch.zeros(rows, width - 1, k, dtype=torch.int64)
-    logprobs = torch.zeros(rows, width - 1, k, dtype=torch.float32)
-    for row, result in enumerate(topk):
-        n = result.num_positions
-        ids[row, :n] = torch.from_numpy(result.ids.astype(np.int64))
-        logprobs[row, :n] = torch.from_numpy(result.logprobs)
-    mask = batch.loss_mask[:, 1:].clone()
-    return ids.to(device), logprobs.to(device), mask.to(device)
 
 
 def _seed_everything(seed: int) -> None:

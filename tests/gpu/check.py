@@ -55,7 +55,7 @@ DEFAULT_CONFIG = ROOT / "deploy/configs/trainer.h200.yaml"
 # CPU mode at tiny widths keeps the code path and shrinks the work: float32 (bf16 matmuls are slow on
 # CPU) and a small hypernetwork (the H200 one's ~19M parameters dominate a tiny student's step).
 CPU_OVERRIDES = ["student.dtype=float32", "hypernetwork.encoder_dim=64", "hypernetwork.encoder_heads=4",
-                 "hypernetwork.trunk_dim=64", "hypernetwork.code_dim=16"]
+                 "hypernetwork.trunk_dim=64"]
 STAMP = "gpu_check_stamp.json"
 
 
@@ -318,7 +318,7 @@ def run_mode(args) -> None:
     try:
         cfg = load_config(TrainerConfig, args.config, overrides=overrides)
         state["hypernetwork"] = {k: getattr(cfg.hypernetwork, k) for k in (
-            "rank", "alpha", "code_dim", "encoder_dim", "trunk_dim", "max_prompt_tokens", "targets")}
+            "kind", "rank", "alpha", "encoder_dim", "trunk_dim", "max_prompt_tokens", "targets")}
         save()
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(cfg.student.path, cfg.student.chat_template)
