@@ -112,34 +112,43 @@ def check_zero_init_preserves_student(s: Setup) -> str:
 def check_step0_gradients(s: Setup) -> str:
     hyper = s.hyper()
     s.loss(hyper).backward()
-    code_b = {p for name, p in hyper.named_parameters() if ".code_b." in name}
+    bank_b = set(hyper.bank.B.values())
     for name, p in hyper.named_parameters():
         got = p.grad is not None and bool(p.grad.abs().sum() > 0)
-        assert got == (p in code_b), f"step 0: {name} {'has' if got else 'lacks'} gradient"
-    return f"step 0: exactly the {len(code_b)} B-code tensors get gradient (B = 0 blocks the rest, as in LoRA)"
+        assert got == (p in bank_b), f"step 0: {name} {'has' if got else 'lacks'} gradient"
+    return f"step 0: exactly the {len(bank_b)} bank B tensors get gradient (B = 0 blocks the rest, as in LoRA)"
 
 
-def _grads_after_first_step(s: Setup) -> HyperLoRA:
-    """A hypernetwork after one AdamW step, holding the gradients of the second step."""
+def _grads_after_steps(s: Setup, steps: int = 2) -> HyperLoRA:
+    """A hypernetwork after `steps` AdamW steps, holding the gradients of the next one."""
     hyper = s.hyper()
     optimizer = torch.optim.AdamW(hyper.parameters(), lr=LEARN_LR)
-    s.loss(hyper).backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    for _ in range(steps):
+        s.loss(hyper).backward()
+        optimizer.step()
+        optimizer.zero_grad()
     s.loss(hyper).backward()
     return hyper
 
 
-def check_all_groups_after_first_step(s: Setup) -> str:
-    hyper = _grads_after_first_step(s)
-    missing = [name for name, p in hyper.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
-    assert not missing, f"after one step these parameters get no gradient: {missing}"
+def _without_gradient(hyper: HyperLoRA) -> list[str]:
+    return [name for name, p in hyper.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+
+
+def check_all_groups_after_two_steps(s: Setup) -> str:
+    # Step 1 moves B off zero, which opens the heads (zero-initialised: M = I); step 2 moves the
+    # heads off zero, which opens the trunk and the encoder.
+    after_one = _without_gradient(_grads_after_steps(s, 1))
+    assert after_one and all(n.startswith(("encoder.", "generator.")) and ".heads." not in n for n in after_one)
+    hyper = _grads_after_steps(s, 2)
+    assert not _without_gradient(hyper), f"after two steps these parameters get no gradient: {_without_gradient(hyper)}"
     norms = group_grad_norms(hyper)
-    return f"after 1 step: every parameter of all {len(norms)} groups gets gradient ({', '.join(norms)})"
+    return (f"after 1 step: bank and heads get gradient; after 2: every parameter of all {len(norms)} groups "
+            f"({', '.join(norms)})")
 
 
 def check_gradient_bounds(s: Setup) -> str:
-    hyper = _grads_after_first_step(s)
+    hyper = _grads_after_steps(s)
     norms = group_grad_norms(hyper)
     for group, norm in norms.items():
         assert GRAD_MIN <= norm <= GRAD_MAX, f"{group}: gradient norm {norm:.3g} outside [{GRAD_MIN}, {GRAD_MAX}]"
@@ -178,7 +187,7 @@ def check_learns(s: Setup) -> str:
 CHECKS = (
     check_zero_init_preserves_student,
     check_step0_gradients,
-    check_all_groups_after_first_step,
+    check_all_groups_after_two_steps,
     check_gradient_bounds,
     check_student_frozen,
     check_learns,

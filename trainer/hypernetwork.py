@@ -25,8 +25,9 @@ per prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies,
 
 Initialisation: B = 0 exactly, so the student's outputs are unchanged bit for bit at step 0.
 As in standard LoRA, at step 0 only B receives gradient (dL/dA = 0 since B = 0, and the
-heads, trunk and encoder reach the loss only through B); after the first optimizer step
-moves B off zero, every parameter group does.
+heads, trunk and encoder reach the loss only through B). The first optimizer step moves B off
+zero, which opens the heads; the second moves the heads off zero, which opens the trunk and
+the encoder.
 """
 
 from __future__ import annotations

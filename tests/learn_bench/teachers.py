@@ -34,7 +34,7 @@ from common.tiny_models import build_key, build_lora_teacher, default_cache_dir,
 from common.tokenizer import load_tokenizer
 from tests.learn_bench import task
 from trainer.data import render_trajectory
-from trainer.hypernetwork import DEFAULT_TARGETS, find_targets
+from trainer.hypernetwork import find_targets
 from trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora, wrap_targets
 from trainer.loss import topk_kl_loss
 from trainer.sampler import Batch, collate
@@ -47,7 +47,11 @@ TOP_K = 20
 TARGET_KL = 0.5
 KL_TOLERANCE = 0.02
 """Calibration stops once the measured KL is this close to `TARGET_KL` (nats per token)."""
-SCALE_GUESS = 0.0045
+TARGETS = ("linear_attn.out_proj", "self_attn.o_proj")
+"""LoRA_c's modules (and the arms'): the mixers' output projections, one per decoder layer. On
+all seven default targets a rank-8 LoRA told the family closed only 35% of the gap in 250 steps
+(in_proj_qkvz alone is 40% of the KL, through the DeltaNet's gates); on these two, 49% in 100."""
+SCALE_GUESS = 0.14
 """First ``scale`` tried (~0.5 nats per token, measured)."""
 MAX_TRIES = 6
 CALIBRATION_SAMPLES = 8
@@ -84,7 +88,7 @@ def teachers_key() -> str:
     digest = hashlib.sha256(build_key().encode())
     for path in (Path(__file__), Path(task.__file__)):
         digest.update(path.read_bytes())
-    digest.update(repr(DEFAULT_TARGETS).encode())
+    digest.update(repr(TARGETS).encode())
     return digest.hexdigest()
 
 
@@ -104,7 +108,7 @@ def ensure_teachers(root: str | Path | None = None) -> FamilyTeachers:
 def load_student(student_dir: str | Path) -> Qwen3NextForCausalLM:
     """The tiny student, float32, eval mode, its LoRA targets wrapped for `hyper_lora`."""
     student = Qwen3NextForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval().requires_grad_(False)
-    wrap_targets(student, [t.name for t in find_targets(student, DEFAULT_TARGETS)])
+    wrap_targets(student, [t.name for t in find_targets(student, TARGETS)])
     return student
 
 
@@ -196,7 +200,7 @@ def _calibrate(student: Qwen3NextForCausalLM, batch: Batch, student_dir: Path, o
     scale = SCALE_GUESS
     for _ in range(MAX_TRIES):
         shutil.rmtree(out, ignore_errors=True)
-        lora = build_lora_teacher(student_dir, out, seed=family, scale=scale, rank=RANK)
+        lora = build_lora_teacher(student_dir, out, seed=family, scale=scale, rank=RANK, targets=TARGETS)
         kl = measure_kl(student, batch, lora)
         log.info("learn-bench teacher %d: scale %.5f gives KL %.3f nats/token", family, scale, kl)
         if abs(kl - TARGET_KL) <= KL_TOLERANCE:
@@ -215,7 +219,7 @@ def _calibrate(student: Qwen3NextForCausalLM, batch: Batch, student_dir: Path, o
 
 def _kind(name: str) -> str:
     """The configured target (module type) that full module name `name` matched."""
-    return next(kind for kind in DEFAULT_TARGETS if name.endswith("." + kind))
+    return next(kind for kind in TARGETS if name.endswith("." + kind))
 
 
 def _stamp(out: Path) -> dict:

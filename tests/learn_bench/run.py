@@ -1,0 +1,174 @@
+"""``make learn-bench``: does a per-prompt hypernetwork beat one static LoRA where the answer is known?
+
+For each prompt variant (`task.VARIANTS`), the samples scored by their family's teacher through
+the teacher service (`scored.load_scored`) train two arms through the trainer's own pieces
+(`build_hyper_lora`, `distill_loss`, `build_optimizer`, `phase_lr`): ``hypernetwork.kind: hyper``
+and ``kind: static``, same rank, data order, steps and schedule. Both are then evaluated on
+held-out paraphrases by the trainer's evaluation (`trainer.eval.evaluate_arms`): no LoRA, the
+generated LoRA, the prompt swap (each sample gets the LoRA of another sample's prompt), the
+static LoRA, and the oracle (the family's true LoRA_c). Writes ``<out>/<variant>.json`` (one
+object per arm with ``gap_closed`` = 1 - KL_arm / KL_none), ``<out>/report.md`` and prints it.
+
+    python -m tests.learn_bench.run [--steps N] [--n-train N] [--out runs/learn-bench] [key=value ...]
+
+Overrides are trainer config fields (``hypernetwork.*``, ``optim.*``) applied to both arms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.codec import TopK
+from common.config import load_config
+from common.log import setup_logging
+from tests.learn_bench import task
+from tests.learn_bench.scored import ScoredSet, load_scored
+from tests.learn_bench.teachers import load_student
+from trainer.config import TrainerConfig
+from trainer.eval import HeldOut, evaluate_arms, swap_partners
+from trainer.hypernetwork import build_hyper_lora
+from trainer.lora import GeneratedLoRA, LoRAWeights
+from trainer.sampler import collate, teacher_tensors
+from trainer.train import build_optimizer, distill_loss, phase_lr
+
+log = logging.getLogger(__name__)
+
+CONFIG = Path(__file__).with_name("learn_bench.yaml")
+PAD_ID = 151643
+EVAL_BATCH = 16
+
+
+def train_arm(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, steps: int, batch_size: int,
+              seed: int) -> tuple[nn.Module, list[float]]:
+    """Train one adapter (``cfg.hypernetwork.kind``) on `data.train`; returns it and the loss curve."""
+    torch.manual_seed(seed)
+    adapter = build_hyper_lora(cfg.hypernetwork, student)
+    phase = cfg.phases[0]
+    optimizer = build_optimizer(adapter, cfg.optim, phase.lr)
+    order = random.Random(seed).sample(range(len(data.train)), len(data.train))
+    losses = []
+    for step in range(steps):
+        rows = [data.train[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
+        batch = collate(rows, PAD_ID)
+        ids, logprobs, mask = teacher_tensors(batch, [_topk(r) for r in rows], torch.device("cpu"))
+        loss, _ = distill_loss(student, adapter, batch, ids, logprobs, mask, float(mask.sum()), cfg.optim,
+                               torch.device("cpu"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.grad_clip)
+        lr = phase_lr(phase, step, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if (step + 1) % 50 == 0:
+            log.info("%s step %d/%d: loss %.4f", cfg.hypernetwork.kind, step + 1, steps, np.mean(losses[-50:]))
+    return adapter.eval(), losses
+
+
+class Oracle(nn.Module):
+    """The true LoRA_c of each prompt's family (found by the prompt's tokens)."""
+
+    def __init__(self, data: ScoredSet):
+        super().__init__()
+        self.family = {tuple(e["prompt_ids"].tolist()): e["family"] for e in data.train + data.eval}
+        self.loras = data.family_loras
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> GeneratedLoRA:
+        factors = [self.loras[self.family[tuple(ids[mask].tolist())]] for ids, mask in zip(prompt_ids, prompt_mask)]
+        weights = {name: LoRAWeights(torch.stack([f[name][0] for f in factors]),
+                                     torch.stack([f[name][1] for f in factors]), name.rsplit(".", 2)[-2])
+                   for name in factors[0]}
+        return GeneratedLoRA(weights, 1.0)
+
+
+def evaluate(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, adapters: dict[str, nn.Module]) -> dict:
+    """Every arm on the held-out samples: {arm: metrics} with ``gap_closed``."""
+    partners = swap_partners(len(data.eval), cfg.seed)
+    items = []
+    for start in range(0, len(data.eval), EVAL_BATCH):
+        rows = data.eval[start : start + EVAL_BATCH]
+        swap = collate([data.eval[partners[start + i]] for i in range(len(rows))], PAD_ID)
+        items.append((HeldOut(collate(rows, PAD_ID), 1.0, swap), [_topk(r) for r in rows]))
+    run = lambda found: evaluate_arms(student, found, items, optim=cfg.optim, edges=[0],  # noqa: E731
+                                      device=torch.device("cpu")).arms
+    arms = {name: asdict(m) for name, m in run(adapters).items()}
+    oracle = asdict(run({"generated": Oracle(data)})["generated"])
+    arms["oracle"] = oracle
+    for m in arms.values():
+        m.pop("kl_by_position", None)
+    return arms
+
+
+def _topk(row: dict) -> TopK:
+    return TopK(row["teacher_ids"], row["teacher_logprobs"], np.zeros(len(row["teacher_ids"]), np.float32))
+
+
+def report(results: dict[str, dict], meta: dict) -> str:
+    """Markdown: one table per variant, arms as rows."""
+    lines = ["# learn-bench", "", f"{meta}", ""]
+    for variant, arms in results.items():
+        lines += [f"## {variant}", "", "| arm | KL (nats/token) | top-1 agreement | teacher NLL | gap closed |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {arm} | {m['kl']:.4f} | {m['top1_agreement']:.3f} | {m['teacher_nll']:.3f} | "
+                  f"{(m['gap_closed'] if m['gap_closed'] is not None else 0.0):.1%} |" for arm, m in arms.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per arm")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
+    parser.add_argument("--n-train", type=int, default=1600, help="training samples per variant (scored once)")
+    parser.add_argument("--n-eval", type=int, default=64, help="held-out samples per variant")
+    parser.add_argument("--variants", nargs="+", default=list(task.VARIANTS), choices=task.VARIANTS)
+    parser.add_argument("--out", type=Path, default=Path("runs/learn-bench"))
+    parser.add_argument("overrides", nargs="*", help="trainer config overrides (hypernetwork.*, optim.*)")
+    args = parser.parse_args()
+    setup_logging()
+    torch.set_num_threads(2)
+    started = time.monotonic()
+    sets = load_scored(args.variants, n_train=args.n_train, n_eval=args.n_eval)
+    scored_s = time.monotonic() - started
+    results = {}
+    for variant in args.variants:
+        data, arms = sets[variant], {}
+        for kind in ("hyper", "static"):
+            cfg = load_config(TrainerConfig, CONFIG, overrides=[*args.overrides, f"hypernetwork.kind={kind}"])
+            student = load_student_for(cfg)
+            arms["generated" if kind == "hyper" else "static"], _ = train_arm(cfg, student, data, args.steps,
+                                                                             args.batch_size, cfg.seed)
+        results[variant] = evaluate(cfg, student, data, arms)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{variant}.json").write_text(json.dumps(results[variant], indent=2) + "\n")
+    meta = {"steps": args.steps, "batch_size": args.batch_size, "n_train": args.n_train, "n_eval": args.n_eval,
+            "teacher_kl": [round(k, 3) for k in next(iter(sets.values())).family_kl],
+            "scoring_s": round(scored_s), "total_s": round(time.monotonic() - started)}
+    text = report(results, meta)
+    (args.out / "report.md").write_text(text + "\n")
+    print(text)
+
+
+_STUDENT: dict = {}
+
+
+def load_student_for(cfg: TrainerConfig) -> nn.Module:
+    """The tiny student, loaded once, its targets wrapped (both arms share it; it is frozen)."""
+    if "student" not in _STUDENT:
+        _STUDENT["student"] = load_student(cfg.student.path)
+    return _STUDENT["student"]
+
+
+if __name__ == "__main__":
+    main()
