@@ -10,7 +10,7 @@ STUBS := common/stubs/teacher_pb2.py common/stubs/teacher_pb2_grpc.py
 TEACHER_CONFIG ?= deploy/configs/teacher.cpu.yaml
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: help setup proto models data test demo teacher-demo bench chaos plan gpu-check gpu-check-wheels clean
+.PHONY: help setup proto models data test demo teacher-demo bench learn-bench chaos plan gpu-check gpu-check-wheels clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ teacher-demo: setup proto models ## only the teacher: score sample sequences, pr
 
 bench: setup proto models ## benchmarks P1-P6 (issue 7), ~7 min: runs/bench/report.md and report.json
 	$(PY) -m tests.bench.run --out runs/bench
+
+learn-bench: setup proto models ## hypernetwork vs static LoRA vs oracle on 4 instruction families with known teachers (issue 12), ~15 min: runs/learn-bench/report.md
+	$(PY) -m tests.learn_bench.run --out runs/learn-bench
 
 chaos: setup proto models ## reliability suite R1-R5: bad input, teacher kills, trainer kills, load, SIGTERM (issue 11), ~30 min: tables of counts
 	$(PY) -m tests.chaos.run

@@ -118,6 +118,27 @@ def test_teachers_are_rebuilt_when_the_student_changes(tmp_path, monkeypatch):
     first = teachers.ensure_teachers(tmp_path)
     assert calls == list(range(teachers.FAMILIES)) and first.kl == [0.5] * teachers.FAMILIES
     assert teachers.ensure_teachers(tmp_path).key == first.key and len(calls) == teachers.FAMILIES
-    monkeypatch.setattr(teachers, "build_key", lambda: "another student build")
+    monkeypatch.setattr(teachers, "student_fingerprint", lambda student_dir: "another student")
     assert teachers.ensure_teachers(tmp_path).key != first.key
     assert len(calls) == 2 * teachers.FAMILIES
+
+
+def test_runner_trains_both_arms_and_the_oracle_closes_the_gap(scored_dir):
+    """The bench's own pieces on the scored samples: two steps of each arm, then every arm; the
+    oracle (the true LoRA_c) reproduces the service's teacher, so it closes the whole gap."""
+    from common.config import load_config
+    from tests.learn_bench import run
+    from trainer.config import TrainerConfig
+
+    data = load_scored(["instructions"], n_train=N, n_eval=N, out=scored_dir)["instructions"]
+    adapters = {}
+    for kind, arm in (("hyper", "generated"), ("static", "static")):
+        cfg = load_config(TrainerConfig, run.CONFIG, overrides=[f"hypernetwork.kind={kind}"])
+        student = run.load_student_for(cfg)
+        adapters[arm], losses = run.train_arm(cfg, student, data, steps=2, batch_size=2, seed=0)
+        assert len(losses) == 2 and all(np.isfinite(losses))
+    arms = run.evaluate(cfg, student, data, adapters)
+    assert list(arms) == ["none", "generated", "prompt_swap", "static", "oracle"]
+    assert arms["none"]["kl"] > 0.2 and arms["none"]["gap_closed"] == 0.0
+    assert arms["oracle"]["kl"] < 1e-3 * arms["none"]["kl"] and arms["oracle"]["top1_agreement"] > 0.99
+    assert set(run.diagnose(adapters["generated"], data)) == {"context_family_share", "delta_alignment"}

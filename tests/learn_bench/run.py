@@ -110,6 +110,29 @@ def evaluate(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, adapters: 
     return arms
 
 
+@torch.no_grad()
+def diagnose(adapter: nn.Module, data: ScoredSet) -> dict:
+    """Why the hypernetwork does (not) separate the families, on the held-out prompts:
+    ``context_family_share``: share of the prompt encoder's output variance that lies between the
+    families' means (1: the context is the family; ~0: it ignores it); ``delta_alignment``: per
+    family, the cosine between the generated update's deviation from the all-family mean and the
+    true LoRA_c's, averaged over families and targets (1: it learned what sets the families apart)."""
+    batch = collate(data.eval, PAD_ID)
+    families = torch.tensor([e["family"] for e in data.eval])
+    context = adapter.encoder(batch.prompt_ids, batch.prompt_mask)
+    means = torch.stack([context[families == c].mean(0) for c in range(len(data.family_loras))])
+    share = float(((means[families] - context.mean(0)) ** 2).sum() / ((context - context.mean(0)) ** 2).sum())
+    lora = adapter(batch.prompt_ids, batch.prompt_mask)
+    cosines = []
+    for name, w in lora.weights.items():
+        generated = torch.stack([(w.B[families == c] @ w.A[families == c]).mean(0) * lora.scale
+                                 for c in range(len(data.family_loras))])
+        true = torch.stack([f[name][1] @ f[name][0] for f in data.family_loras])
+        g, t = generated - generated.mean(0), true - true.mean(0)
+        cosines += torch.nn.functional.cosine_similarity(g.flatten(1), t.flatten(1)).tolist()
+    return {"context_family_share": round(share, 4), "delta_alignment": round(float(np.mean(cosines)), 4)}
+
+
 def _topk(row: dict) -> TopK:
     return TopK(row["teacher_ids"], row["teacher_logprobs"], np.zeros(len(row["teacher_ids"]), np.float32))
 
@@ -122,7 +145,7 @@ def report(results: dict[str, dict], meta: dict) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {arm} | {m['kl']:.4f} | {m['top1_agreement']:.3f} | {m['teacher_nll']:.3f} | "
                   f"{(m['gap_closed'] if m['gap_closed'] is not None else 0.0):.1%} |" for arm, m in arms.items()]
-        lines.append("")
+        lines += ["", f"hypernetwork diagnostics: {arms['generated'].get('diagnostics')}", ""]
     return "\n".join(lines)
 
 
@@ -150,6 +173,7 @@ def main() -> None:
             arms["generated" if kind == "hyper" else "static"], _ = train_arm(cfg, student, data, args.steps,
                                                                              args.batch_size, cfg.seed)
         results[variant] = evaluate(cfg, student, data, arms)
+        results[variant]["generated"]["diagnostics"] = diagnose(arms["generated"], data)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{variant}.json").write_text(json.dumps(results[variant], indent=2) + "\n")
     meta = {"steps": args.steps, "batch_size": args.batch_size, "n_train": args.n_train, "n_eval": args.n_eval,

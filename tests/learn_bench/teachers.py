@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3NextForCausalLM
 
 from common.dirs import dir_lock, replace_dir
-from common.tiny_models import build_key, build_lora_teacher, default_cache_dir, ensure_tiny_models
+from common.tiny_models import build_lora_teacher, default_cache_dir, ensure_tiny_models
 from common.tokenizer import load_tokenizer
 from tests.learn_bench import task
 from trainer.data import render_trajectory
@@ -83,9 +83,18 @@ def cache_root() -> Path:
     return default_cache_dir().parent / "learn-bench"
 
 
-def teachers_key() -> str:
-    """sha256 over the tiny models' build key, this module, the task and the LoRA targets."""
-    digest = hashlib.sha256(build_key().encode())
+def student_fingerprint(student_dir: Path) -> str:
+    """sha256 of the student's files (config, weights, tokenizer): what the teachers are built
+    from, so that an edit of the tiny models' code that rebuilds the same student keeps them."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        digest.update((student_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def teachers_key(student_dir: Path) -> str:
+    """sha256 over the student's files, this module, the task and the LoRA targets."""
+    digest = hashlib.sha256(student_fingerprint(student_dir).encode())
     for path in (Path(__file__), Path(task.__file__)):
         digest.update(path.read_bytes())
     digest.update(repr(TARGETS).encode())
@@ -96,7 +105,7 @@ def ensure_teachers(root: str | Path | None = None) -> FamilyTeachers:
     """The calibrated family teachers under ``<root>/teachers``, built first if missing or stale."""
     out = Path(root or cache_root()) / "teachers"
     student_dir = ensure_tiny_models().student
-    key = teachers_key()
+    key = teachers_key(student_dir)
     with dir_lock(out):
         if _stamp(out).get("key") != key:
             _build_into(out, student_dir, key)
