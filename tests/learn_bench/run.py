@@ -70,7 +70,7 @@ def train_arm(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, steps: in
             group["lr"] = lr * group["lr_scale"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % 50 == 0:
             log.info("%s step %d/%d: loss %.4f", cfg.hypernetwork.kind, step + 1, steps, np.mean(losses[-50:]))
     return adapter.eval(), losses
