@@ -31,7 +31,7 @@ proto: $(STUBS) ## generate the gRPC stubs into common/stubs/
 $(STUBS) &: $(PROTO) $(INSTALLED)
 	$(PY) -m grpc_tools.protoc -Icommon/stubs=$(dir $(PROTO)) --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
 
-models: setup ## build (once) the tiny teacher and student in .cache/tiny-models
+models: setup ## build (once) the tiny teacher, student and demo teacher in .cache/tiny-models
 	$(PY) -m common.tiny_models
 
 data: models ## tokenize the fixture trajectories with the student's tokenizer (prints the summary)

