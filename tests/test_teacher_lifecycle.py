@@ -18,12 +18,17 @@ from tests.helpers import assert_matches_reference, random_ids, scrape_metrics
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The deadline of the compose health check (grpcurl -max-time 5): a load that blocked the event loop
+# would block it for the whole load (tens of seconds), while on 2 shared cores one check can take
+# over 1 s while vLLM's worker starts (CI missed one 1 s deadline).
+PROBE_TIMEOUT = 5.0
 
 
 def _health_statuses_until_serving(address: str, timeout: float, stop_after_not_serving: int = 0) -> list:
     """Every distinct health status seen from the first answer until SERVING (or until the
     `stop_after_not_serving`-th NOT_SERVING). After the first answer a failed check (the
-    server not answering within 1 s, e.g. while the engine load blocks it) is recorded by code."""
+    server not answering within PROBE_TIMEOUT, e.g. while the engine load blocks it) is recorded
+    by code."""
     seen: list = []
     not_serving = 0
     deadline = time.monotonic() + timeout
@@ -31,7 +36,7 @@ def _health_statuses_until_serving(address: str, timeout: float, stop_after_not_
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT).status
             except grpc.RpcError as e:
                 if seen and seen[-1] != e.code():
                     seen.append(e.code())
