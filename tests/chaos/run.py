@@ -45,7 +45,11 @@ def r4_ok(result: dict) -> bool:
 
 
 def r5_ok(result: dict) -> bool:
-    drained = all(key == "OK" or key.startswith("UNAVAILABLE") for key in result["statuses"])
+    """Health NOT_SERVING within 1 s, every stream ends OK or refused UNAVAILABLE (draining), none
+    lost, exit 0 within the grace. A stream refused while its client was still writing can end in
+    grpc.aio's client-side `CLIENT_MASKED` instead (grpc/grpc#36066, as in R4): accepted, and its
+    requests are not counted (the client lost which one the server refused)."""
+    drained = all(key == "OK" or key.startswith("UNAVAILABLE") or key == CLIENT_MASKED for key in result["statuses"])
     return (result["not_serving_after_s"] is not None and result["not_serving_after_s"] < 1.0 and drained
             and result["lost"] == 0 and result["exit_code"] == 0 and result["exit_after_s"] <= result["grace_s"] + 5)
 
