@@ -8,7 +8,11 @@ prompt and emit LoRA_c); one static LoRA can only fit the families' average.
 Two variants of the prompts:
 
 - ``instructions``: each family has its own task (explain, document, test, review code),
-  phrased in several paraphrases;
+  phrased in several paraphrases that all contain the family's keyword as the same tokens
+  (" explain", " docstring", " tests", " review"). The tiny student's embeddings, which the
+  prompt encoder reads, are random: nothing in them relates "Audit" to "review", so a held-out
+  paraphrase can only be recognised by tokens seen in training (with the real student's
+  embeddings synonyms would carry; here they cannot);
 - ``content-words``: all families share the same paraphrases of one instruction and differ
   in one content word (the target language of a port).
 
@@ -28,44 +32,44 @@ import torch
 
 INSTRUCTIONS = {
     "explain": [
-        "Explain what this code does.",
-        "Describe in plain words what the following code does.",
-        "Walk me through this snippet and tell me what it does.",
-        "What does this piece of code do? Explain it step by step.",
-        "Give a clear explanation of the behaviour of this code.",
-        "Help me understand this code: what is it doing?",
-        "Summarise the purpose and logic of the code below.",
+        "Please explain what this code does.",
+        "Could you explain the following snippet in plain words?",
+        "I need you to explain this code step by step.",
+        "Briefly explain the logic of the code below.",
+        "Try to explain how this function behaves.",
+        "Kindly explain what the snippet below computes.",
         "Can you explain how this function works?",
+        "Help me out and explain the purpose of this code.",
     ],
     "docstring": [
         "Write a docstring for this function.",
-        "Add documentation comments to the following code.",
-        "Document this code with a concise docstring.",
-        "Produce a docstring describing the parameters and return value.",
-        "Please write API documentation for this snippet.",
-        "Annotate this function with a helpful docstring.",
-        "Draft the reference documentation for the code below.",
-        "Compose a Google-style docstring for this function.",
+        "Add a concise docstring to the following code.",
+        "Please draft a docstring describing the parameters and return value.",
+        "Produce a Google-style docstring for this snippet.",
+        "Compose a helpful docstring for the code below.",
+        "I would like a docstring for this function.",
+        "Annotate this function with a clear docstring.",
+        "Document the code below with a short docstring.",
     ],
     "tests": [
         "Write unit tests for this code.",
-        "Create pytest test cases covering the following function.",
-        "Add a test suite that exercises this snippet.",
+        "Create pytest tests covering the following function.",
+        "Please add tests that exercise this snippet.",
         "Generate tests that check the edge cases of this code.",
-        "Write a few unit tests to verify this function.",
+        "I need a few tests to verify this function.",
         "Cover the code below with automated tests.",
-        "Design test cases that would catch bugs in this code.",
-        "Produce a pytest module testing this function.",
+        "Design tests that would catch bugs in this code.",
+        "Produce thorough tests for this function.",
     ],
     "review": [
-        "Review this code and point out any bugs.",
-        "Find the problems in the following snippet.",
-        "Do a code review of this function and list issues.",
-        "What could go wrong with this code? Review it critically.",
-        "Check this code for mistakes and security issues.",
-        "Critique the following implementation.",
-        "Audit this snippet and report every defect you see.",
-        "Look over this function and flag anything suspicious.",
+        "Please review this code and point out any bugs.",
+        "Do a careful review of this function and list issues.",
+        "I want a critical review of the following snippet.",
+        "Give the code below a thorough review.",
+        "Write a short review of this implementation.",
+        "Could you review this function for mistakes?",
+        "Perform a security review of this snippet.",
+        "Can you review the code below and flag anything suspicious?",
     ],
 }
 PORT_TEMPLATES = [
