@@ -136,7 +136,7 @@ def _without_gradient(hyper: HyperLoRA) -> list[str]:
 
 
 def check_all_groups_after_two_steps(s: Setup) -> str:
-    # Step 1 moves B off zero, which opens the heads (zero-initialised: M = I); step 2 moves the
+    # Step 1 moves B off zero, which opens the heads (zero-initialised: gates = 1); step 2 moves the
     # heads off zero, which opens the trunk and the encoder.
     after_one = _without_gradient(_grads_after_steps(s, 1))
     assert after_one and all(n.startswith(("encoder.", "generator.")) and ".heads." not in n for n in after_one)

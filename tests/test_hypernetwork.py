@@ -54,7 +54,7 @@ def test_zero_init_b_exact_and_a_like_lora(hyper):
     assert abs(a.mean()) < 0.1 * lora_std and 0.75 < a.std() / lora_std < 1.33
 
 
-def test_identity_mixing_at_init_so_every_prompt_starts_from_the_bank(hyper):
+def test_unit_gates_at_init_so_every_prompt_starts_from_the_bank(hyper):
     lora = hyper(*prompts([10, 6], 12))
     for name, w in lora.weights.items():
         assert torch.equal(w.A[0], w.A[1]) and torch.equal(w.B[0], w.B[1])
@@ -63,7 +63,7 @@ def test_identity_mixing_at_init_so_every_prompt_starts_from_the_bank(hyper):
 def test_per_sample_and_independent_of_padding(student):
     torch.manual_seed(0)
     hyper = build_hyper_lora(HyperLoRA.Config(**SMALL), student).eval()
-    for head in hyper.generator.heads.values():  # as after training: M depends on the prompt
+    for head in hyper.generator.heads.values():  # as after training: the gates depend on the prompt
         torch.nn.init.normal_(head.weight, std=1.0)
     ids, mask = prompts([10, 6], 12)
     with torch.no_grad():
@@ -75,6 +75,23 @@ def test_per_sample_and_independent_of_padding(student):
     assert not torch.allclose(a[0], a[1])
     torch.testing.assert_close(a[1], alone.weights[name].A[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(a[1], left_padded.weights[name].A[0], rtol=1e-4, atol=1e-6)
+
+
+def test_gates_weight_the_experts_and_never_scale_the_update(student):
+    """Whatever the heads, each target's gates are constant over an expert's rank directions and
+    sum to r (n experts x r / n directions x mean gate 1): a prompt can move the update between the
+    bank's experts, not make it larger (a free mixing matrix learned a large constant, issue 12)."""
+    torch.manual_seed(0)
+    hyper = build_hyper_lora(HyperLoRA.Config(**SMALL, experts=2), student).eval()
+    for head in hyper.generator.heads.values():
+        torch.nn.init.normal_(head.weight, std=1.0)
+        torch.nn.init.normal_(head.bias, std=1.0)
+    with torch.no_grad():
+        gates = hyper.generator(hyper.encoder(*prompts([10, 6, 12], 12)))
+    for g in gates.values():  # [B, L, r]: experts of r / n = 2 directions
+        torch.testing.assert_close(g.sum(-1), torch.full(g.shape[:2], 4.0))
+        assert torch.equal(g[..., 0], g[..., 1]) and torch.equal(g[..., 2], g[..., 3])
+        assert not torch.allclose(g[0], g[1])
 
 
 def test_truncation_keeps_the_last_tokens():
@@ -148,7 +165,8 @@ def test_config_loading_and_validation():
     assert HyperLoRA.Config(rank=16, alpha=32, rslora=True).scale == 8.0
     with pytest.raises(ConfigError, match="unknown"):
         load_config(HyperLoRA.Config, overrides=["ranks=8"])
-    for bad in (dict(rank=0), dict(targets=[]), dict(alpha=0.0), dict(encoder_dim=30, encoder_heads=4), dict(kind="mixed")):
+    for bad in (dict(rank=0), dict(targets=[]), dict(alpha=0.0), dict(encoder_dim=30, encoder_heads=4), dict(kind="mixed"),
+                dict(rank=16, experts=3), dict(experts=0)):
         with pytest.raises(ValueError):
             HyperLoRA.Config(**bad)
 

@@ -2,25 +2,31 @@
 
     prompt ids [B, P] --PromptEncoder--> context [B, E]
     context + layer embedding + module-type embedding --shared MLP trunk--> h [B, N, D]
-    h --one head per module type (shared across layers)--> M [B, r, r] per target
-    A_b = M_b A,  B_b = B        (A [r, in], B [out, r]: a learned LoRA per target, the bank)
+    h --one head per module type (shared across layers)--> gates g [B, n] per target
+    A_b = diag(g_b) A,  B_b = B  (A [r, in], B [out, r]: a learned LoRA per target, the bank,
+                                  in n experts of r / n rank directions; g sums to n)
 
 for all N (layer, target) pairs at once. Cf. Sakana's Text-to-LoRA.
 
 Design. Each target has one learned LoRA, the bank (`LoRABank`, initialised as PEFT
-initialises a LoRA: A kaiming-uniform, B zero), and the prompt selects how its r rank
-directions combine: ``delta W_b = scale * B M_b A``. The heads are zero-initialised, so M = I
-and the hypernetwork *is* a static LoRA at step 0; `StaticLoRA` (``kind: static``) is the bank
-alone, the baseline every report compares with. This replaced a generator that emitted A and
-B as linear functions of h through shared bases (``code_dim``): there, one AdamW step moved the
-generated factors ~50x farther than a static LoRA's parameters (every head weight moves by ~lr
-in a coherent direction, and a code sums D of them), so its usable learning rate was tiny,
-the prompt encoder stayed at its random init, and it closed less of the teacher gap than one
-static LoRA (issue 12). Here the bank learns at a static LoRA's pace, and a head's output is
-scaled by 1/sqrt(D) so that M moves by a comparable amount per step.
+initialises a LoRA: A kaiming-uniform, B zero), split into n experts of r / n rank directions
+(``hypernetwork.experts``), and the prompt weights the experts: ``delta W_b = scale * B
+diag(g_b) A`` with g_b = n * softmax(logits_b), one expert's gate repeated over its directions.
+The heads are zero-initialised, so g = 1 and the hypernetwork *is* a static LoRA at step 0;
+`StaticLoRA` (``kind: static``) is the bank alone, the baseline every report compares with.
 
-Cost: per target r * (in + out) bank parameters (a static LoRA's) and r * r generated numbers
-per prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies, as before.
+Why gates that sum to n (issue 12). Two earlier generators learned less than one static LoRA:
+emitting A and B through shared bases (``code_dim``) moved the generated factors ~50x farther
+per AdamW step than a static LoRA's parameters, so its usable learning rate was tiny; a free
+r x r mixing matrix per target (A_b = M_b A, M = I + W h) instead learned one large *constant*
+M (|M - I| ~3-7 within 20 steps: a faster way than the bank to grow the static update), and the
+constant swamped the prompt: the share of the prompt encoder's output that varies between
+prompts fell from 0.5% to 0.004%, and its gradient with it. Gates that always sum to n cannot
+scale the update, only weight the experts; with them the encoder's output keeps 5-20% of its
+variance per prompt (learn-bench, 60 steps).
+
+Cost: per target r * (in + out) bank parameters (a static LoRA's) and n generated gates per
+prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies, as before.
 `python -m trainer.param_table` prints the counts for the real student.
 
 Initialisation: B = 0 exactly, so the student's outputs are unchanged bit for bit at step 0.
@@ -230,24 +236,30 @@ class _TrunkBlock(nn.Module):
 
 
 class LoRAGenerator(nn.Module):
-    """Context [B, E] -> a mixing matrix M [B, r, r] per target: M = I + (W_kind h) / sqrt(D).
+    """Context [B, E] -> per-prompt gates over the bank's experts, per target:
+    g = n * softmax((W_kind h) / sqrt(D)) over the n experts (``hypernetwork.experts``).
 
-    h [B, N, D] is the trunk's output for (context, layer, module type); the last layer of
-    each module type's head is zero-initialised, so M = I at init. The factor 1/sqrt(D) keeps
-    an optimizer step's change of M comparable to a bank parameter's: without it, Adam moves
-    every weight of the head by ~lr in a coherent direction and M by ~lr * D.
+    h [B, N, D] is the trunk's output for (context, layer, module type). Expert e of a target is
+    the e-th block of r / n rank directions of its bank LoRA; its gate scales that block, so
+    ``delta W_b = B diag(g_b) A``. The gates always sum to n: the prompt chooses how the bank's
+    experts are weighted, never how large the update is (a generator that could also scale the
+    update learned one large constant scale, the static solution, and its prompt encoder
+    collapsed to a constant: issue 12). The heads are zero-initialised, so g = 1 and the
+    hypernetwork is the bank, a static LoRA, at step 0. The factor 1/sqrt(D) keeps an optimizer
+    step's change of a logit comparable to a bank parameter's.
     """
 
     def __init__(self, config: HyperLoRA.Config, targets: Sequence[Target]):
         super().__init__()
         self.targets = list(targets)
         self.kinds = list(dict.fromkeys(t.kind for t in self.targets))
-        self.rank, dim = config.rank, config.trunk_dim
+        self.experts, dim = config.experts, config.trunk_dim
+        self.block = config.rank // config.experts
         self.context_proj = nn.Linear(config.encoder_dim, dim)
         self.layer_embed = nn.Embedding(max(t.layer for t in self.targets) + 1, dim)
         self.type_embed = nn.Embedding(len(self.kinds), dim)
         self.trunk = nn.Sequential(*(_TrunkBlock(dim) for _ in range(config.trunk_layers)), nn.LayerNorm(dim))
-        self.heads = nn.ModuleDict({_key(kind): nn.Linear(dim, self.rank * self.rank) for kind in self.kinds})
+        self.heads = nn.ModuleDict({_key(kind): nn.Linear(dim, self.experts) for kind in self.kinds})
         for head in self.heads.values():
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -258,17 +270,17 @@ class LoRAGenerator(nn.Module):
                              persistent=False)
 
     def forward(self, context: torch.Tensor) -> dict[str, torch.Tensor]:
-        """context: float [B, E] -> M float32 [B, L, r, r] per module type (its layers in order)."""
+        """context: float [B, E] -> gates float32 [B, L, r] per module type (its layers in order;
+        each expert's gate repeated over its r / n rank directions)."""
         embeds = self.layer_embed(self.target_layers) + self.type_embed(self.target_kinds)  # [N, D]
         h = self.trunk(self.context_proj(context)[:, None] + embeds)  # [B, N, D]
-        eye = torch.eye(self.rank, device=h.device, dtype=h.dtype)
-        mixing, start = {}, 0
+        gates, start = {}, 0
         for kind in self.kinds:
             n = sum(t.kind == kind for t in self.targets)
-            m = self.heads[_key(kind)](h[:, start : start + n]) * self.out_scale
-            mixing[kind] = m.view(*m.shape[:2], self.rank, self.rank) + eye
+            logits = self.heads[_key(kind)](h[:, start : start + n]) * self.out_scale  # [B, L, n]
+            gates[kind] = (self.experts * logits.softmax(-1)).repeat_interleave(self.block, dim=-1)
             start += n
-        return mixing
+        return gates
 
 
 def _key(kind: str) -> str:
@@ -288,6 +300,9 @@ class HyperLoRA(nn.Module):
         """Target module names, matched as suffixes of the student's module names; one head each."""
         rank: int = 16
         """LoRA rank r (of the bank, and of every generated adapter)."""
+        experts: int = 4
+        """Experts n per target: the bank's r rank directions in n blocks of r / n, weighted per
+        prompt by the generated gates (1: every prompt gets the bank, as ``kind: static``)."""
         alpha: float = 32.0
         """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with ``rslora``)."""
         rslora: bool = False
@@ -314,6 +329,8 @@ class HyperLoRA(nn.Module):
                          "trunk_dim", "trunk_layers"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"hypernetwork.{name} must be >= 1, got {getattr(self, name)}")
+            if self.experts < 1 or self.rank % self.experts:
+                raise ValueError(f"hypernetwork.experts must be >= 1 and divide rank ({self.rank}), got {self.experts}")
             if self.alpha <= 0:
                 raise ValueError(f"hypernetwork.alpha must be > 0, got {self.alpha}")
             if self.encoder_dim % self.encoder_heads:
@@ -337,9 +354,9 @@ class HyperLoRA(nn.Module):
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> GeneratedLoRA:
         """prompt_ids: int [B, P]; prompt_mask: bool [B, P] -> LoRA for every target, batch B:
-        A_b = M_b A (M_b [r, r] generated from prompt b), B_b = B."""
-        mixing = self.generator(self.encoder(prompt_ids, prompt_mask))
-        a = {kind: m @ self.bank.factors(kind)[0] for kind, m in mixing.items()}  # [B, L, r, in]
+        A_b = diag(g_b) A (gates g_b [r] generated from prompt b), B_b = B."""
+        gates = self.generator(self.encoder(prompt_ids, prompt_mask))
+        a = {kind: g[..., None] * self.bank.factors(kind)[0] for kind, g in gates.items()}  # [B, L, r, in]
         return self.bank.lora(a, prompt_ids.shape[0], self.config.scale)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -3,7 +3,7 @@
 Builds `Qwen3NextForCausalLM` from the published config values on the meta device (no
 memory, no download), discovers the LoRA targets, builds the hypernetwork on meta and prints
 per module type: layers, shapes, LoRA numbers per prompt, bank parameters (a static LoRA's),
-the generated mixing numbers and head parameters, then the encoder / trunk / total trainable
+the generated gates and head parameters, then the encoder / trunk / total trainable
 parameters. Overrides are hypernetwork config fields, e.g. ``rank=32 trunk_dim=256``.
 """
 
@@ -49,14 +49,14 @@ def _count(params) -> int:
 
 
 def table_rows(config: HyperLoRA.Config, hyper: HyperLoRA) -> list[tuple]:
-    """Per module type: (target, layers, shape, A, B, LoRA per prompt, bank params, mixing per prompt, head)."""
+    """Per module type: (target, layers, shape, A, B, LoRA per prompt, bank params, gates per prompt, head)."""
     r, groups, rows = config.rank, hyper.parameter_groups(), []
     for kind in hyper.bank.kinds:
         layers = hyper.bank.group(kind)
         i, o = layers[0].in_features, layers[0].out_features
         lora = r * (i + o) * len(layers)
         rows.append((kind, len(layers), f"{i} -> {o}", f"[{r}, {i}]", f"[{o}, {r}]", lora, lora,
-                     r * r * len(layers), _count(groups[f"head:{kind}"])))
+                     config.experts * len(layers), _count(groups[f"head:{kind}"])))
     rows.append(("total", sum(row[1] for row in rows), "", "", "",
                  *(sum(row[j] for row in rows) for j in (5, 6, 7, 8))))
     return rows
@@ -65,7 +65,7 @@ def table_rows(config: HyperLoRA.Config, hyper: HyperLoRA) -> list[tuple]:
 def format_table(rows: list[tuple]) -> list[str]:
     """Aligned text lines: header, rule, the module types, rule, the total row."""
     header = ("target", "layers", "in -> out", "A [r, in]", "B [out, r]", "LoRA/prompt", "bank params",
-              "mixing/prompt", "head params")
+              "gates/prompt", "head params")
     cells = [header] + [tuple(f"{c:,}" if isinstance(c, int) else c for c in row) for row in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(header))]
     lines = ["  ".join(c.ljust(w) if j < 5 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
@@ -89,7 +89,8 @@ def render(config: HyperLoRA.Config, student: torch.nn.Module, hyper: HyperLoRA)
         "",
         *format_table(rows),
         "",
-        "per prompt: A_b = M_b A, B_b = B, with the bank's A, B and a generated r x r mixing matrix M_b per target",
+        f"per prompt: A_b = diag(g_b) A, B_b = B, with the bank's A, B and {config.experts} generated expert gates g_b "
+        f"per target (summing to {config.experts}, each over r / {config.experts} rank directions)",
         f"LoRA per prompt: {per_prompt:,} numbers = {per_prompt * 4 / 2**20:.1f} MiB in float32",
         f"trainable: encoder {_count(groups['encoder']):,} + trunk {_count(groups['trunk']):,} + heads "
         f"{heads:,} + bank {_count(groups['bank']):,} = {_count(hyper.parameters()):,}",
