@@ -151,7 +151,7 @@ def report(results: dict[str, dict], meta: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per arm")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per arm (two passes over --n-train)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
     parser.add_argument("--n-train", type=int, default=1200, help="training samples per variant (scored once)")
     parser.add_argument("--n-eval", type=int, default=64, help="held-out samples per variant")
