@@ -15,15 +15,18 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from common.teacher_client import TeacherClient as DirectClient
 from common.teacher_process import TeacherProcess, free_port
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tests.conftest import adopt, start_teacher
 from tests.helpers import ATOL, VOCAB, random_ids, scrape_metrics
+from trainer import metrics
 from trainer.teacher_client import (
     TeacherClient,
     TeacherClientConfig,
+    TeacherClientStats,
     TeacherMismatchError,
     TeacherRequestError,
     TeacherUnavailableError,
@@ -284,6 +287,11 @@ def test_teacher_killed_and_restarted_mid_run(teacher_b, fingerprint, batches, e
     teacher_b.process.wait_serving()
     assert seen == list(batches)
     assert stats.retries >= 1 and stats.failures == 0
+    # What the trainer exports each step: its counters advance by the client's, once.
+    sample = lambda name: REGISTRY.get_sample_value(name, {"rank": "7"}) or 0.0  # noqa: E731
+    metrics.export_teacher_stats(7, stats, TeacherClientStats())
+    metrics.export_teacher_stats(7, stats, stats)
+    assert sample("trainer_teacher_retries_total") == stats.retries and sample("trainer_teacher_failures_total") == 0
 
 
 class TcpProxy:

@@ -34,7 +34,7 @@ from trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
 from trainer.loss import topk_kl_loss
 from trainer.model import build_models
 from trainer.sampler import Batch, batch_sequences, teacher_tensors
-from trainer.teacher_client import TeacherClient
+from trainer.teacher_client import TeacherClient, TeacherClientStats
 from trainer.tracking import RunLog
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Trainer:
         self.phase_step = 0
         self._steps_this_run = 0
         self._data: PhaseData | None = None
+        self._teacher_stats = TeacherClientStats()  # the client's counters at the last metrics export
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -211,7 +212,6 @@ class Trainer:
         r = self.dist.rank
         metrics.STEP.labels(rank=r).set(self.step)
         metrics.LOSS.labels(rank=r).set(stats.loss)
-        metrics.KL.labels(rank=r).set(stats.loss)
         metrics.TOKENS.labels(rank=r).inc(stats.tokens)
         metrics.TOKENS_PER_SECOND.labels(rank=r).set(stats.tokens / stats.seconds)
         metrics.STEP_SECONDS.labels(rank=r).observe(stats.seconds)
@@ -219,6 +219,9 @@ class Trainer:
         metrics.GRAD_NORM.labels(rank=r).set(stats.grad_norm)
         metrics.LEARNING_RATE.labels(rank=r).set(self._lr)
         metrics.PREFETCH_DEPTH.labels(rank=r).set(self.teacher.prefetch_depth)
+        teacher = self.teacher.stats()
+        metrics.export_teacher_stats(r, teacher, self._teacher_stats)
+        self._teacher_stats = teacher
 
     # ---- evaluation and checkpoints -----------------------------------------------------
     def evaluate(self) -> EvalReport:
