@@ -23,7 +23,11 @@ M (|M - I| ~3-7 within 20 steps: a faster way than the bank to grow the static u
 constant swamped the prompt: the share of the prompt encoder's output that varies between
 prompts fell from 0.5% to 0.004%, and its gradient with it. Gates that always sum to n cannot
 scale the update, only weight the experts; with them the encoder's output keeps 5-20% of its
-variance per prompt (learn-bench, 60 steps).
+variance per prompt over the first 60 steps of learn-bench. Not yet solved: over 150-300 steps
+the trunk's pre-LayerNorm output still grows into one large constant (norm ~2,200 against a
+per-prompt spread of ~1), so after the trunk's final LayerNorm every prompt and layer gets the
+same gates, and the hypernetwork ends where a static LoRA does (issue 12's note has the numbers
+and the next design step: gates read from the context directly, without the LayerNorms).
 
 Cost: per target r * (in + out) bank parameters (a static LoRA's) and n generated gates per
 prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies, as before.
