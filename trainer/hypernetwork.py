@@ -26,8 +26,9 @@ scale the update, only weight the experts; with them the encoder's output keeps 
 variance per prompt over the first 60 steps of learn-bench. Not yet solved: over 150-300 steps
 the trunk's pre-LayerNorm output still grows into one large constant (norm ~2,200 against a
 per-prompt spread of ~1), so after the trunk's final LayerNorm every prompt and layer gets the
-same gates, and the hypernetwork ends where a static LoRA does (issue 12's note has the numbers
-and the next design step: gates read from the context directly, without the LayerNorms).
+same gates, and the hypernetwork ends where a static LoRA does. Gates read from the context
+without the trunk and its LayerNorms, square-root gates and a load-balancing term were tried and
+collapse too, later or to uniform gates (issue 12's note has the numbers).
 
 Cost: per target r * (in + out) bank parameters (a static LoRA's) and n generated gates per
 prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies, as before.
