@@ -105,14 +105,18 @@ def load_deployment(layout_path: str | Path = LAYOUT) -> Deployment:
     trainer_ports = tuple(trainer.metrics.port + rank for rank in range(ranks))
     problems = []
     if teacher.engine.tensor_parallel_size != len(layout.teacher.gpus):
-        problems.append(f"{layout.teacher.config}: engine.tensor_parallel_size is {teacher.engine.tensor_parallel_size}, "
-                        f"the layout gives the teacher {len(layout.teacher.gpus)} GPUs")
+        problems.append(
+            f"{layout.teacher.config}: engine.tensor_parallel_size is {teacher.engine.tensor_parallel_size}, "
+            f"the layout gives the teacher {len(layout.teacher.gpus)} GPUs"
+        )
     address = f"{TEACHER}:{teacher.server.port}"
     if address not in trainer.teacher.addresses:
         problems.append(f"{layout.trainer.config}: teacher.addresses {trainer.teacher.addresses} lacks {address}")
-    for where, host in ((f"{layout.teacher.config}: server.host", teacher.server.host),
-                        (f"{layout.teacher.config}: server.metrics_host", teacher.server.metrics_host),
-                        (f"{layout.trainer.config}: metrics.host", trainer.metrics.host)):
+    for where, host in (
+        (f"{layout.teacher.config}: server.host", teacher.server.host),
+        (f"{layout.teacher.config}: server.metrics_host", teacher.server.metrics_host),
+        (f"{layout.trainer.config}: metrics.host", trainer.metrics.host),
+    ):
         if host != ANY_ADDRESS:
             problems.append(f"{where} is {host}: other containers cannot reach it (use {ANY_ADDRESS})")
     if not trainer.metrics.port:
@@ -123,10 +127,14 @@ def load_deployment(layout_path: str | Path = LAYOUT) -> Deployment:
     if problems:
         raise ConfigError("; ".join(problems))
     return Deployment(
-        teacher_gpus=tuple(layout.teacher.gpus), teacher_config=layout.teacher.config,
-        teacher_grpc_port=teacher.server.port, teacher_metrics_port=teacher.server.metrics_port,
-        teacher_grace_seconds=teacher.server.grace_seconds, trainer_gpus=tuple(layout.trainer.gpus),
-        trainer_config=layout.trainer.config, trainer_metrics_ports=trainer_ports,
+        teacher_gpus=tuple(layout.teacher.gpus),
+        teacher_config=layout.teacher.config,
+        teacher_grpc_port=teacher.server.port,
+        teacher_metrics_port=teacher.server.metrics_port,
+        teacher_grace_seconds=teacher.server.grace_seconds,
+        trainer_gpus=tuple(layout.trainer.gpus),
+        trainer_config=layout.trainer.config,
+        trainer_metrics_ports=trainer_ports,
     )
 
 
@@ -138,8 +146,10 @@ def check_compose(deployment: Deployment, compose: dict[str, Any]) -> list[str]:
         return [f"compose: no service {name!r}" for name in missing]
     teacher, trainer = services[TEACHER], services[TRAINER]
     problems = []
-    for name, service, gpus, config in ((TEACHER, teacher, deployment.teacher_gpus, deployment.teacher_config),
-                                        (TRAINER, trainer, deployment.trainer_gpus, deployment.trainer_config)):
+    for name, service, gpus, config in (
+        (TEACHER, teacher, deployment.teacher_gpus, deployment.teacher_config),
+        (TRAINER, trainer, deployment.trainer_gpus, deployment.trainer_config),
+    ):
         reserved = _device_ids(service)
         if reserved != sorted(gpus):
             problems.append(f"compose: {name} reserves GPUs {reserved}, the layout gives it {sorted(gpus)}")
@@ -151,29 +161,43 @@ def check_compose(deployment: Deployment, compose: dict[str, Any]) -> list[str]:
         problems.append(f"compose: the teacher's health check does not ask 127.0.0.1:{deployment.teacher_grpc_port}")
     ports = deployment.trainer_metrics_ports
     if f"range({ports[0]}, {ports[-1] + 1})" not in _healthcheck(trainer):
-        problems.append(f"compose: the trainer's health check must scrape every rank, range({ports[0]}, {ports[-1] + 1})")
+        problems.append(
+            f"compose: the trainer's health check must scrape every rank, range({ports[0]}, {ports[-1] + 1})"
+        )
     if (trainer.get("depends_on") or {}).get(TEACHER, {}).get("condition") != "service_healthy":
         problems.append("compose: the trainer must depend on the teacher with condition service_healthy")
     if _seconds(teacher.get("stop_grace_period", "10s")) <= deployment.teacher_grace_seconds:
-        problems.append(f"compose: the teacher's stop_grace_period must exceed server.grace_seconds "
-                        f"({deployment.teacher_grace_seconds:.0f} s), or Docker kills it mid-drain")
+        problems.append(
+            f"compose: the teacher's stop_grace_period must exceed server.grace_seconds "
+            f"({deployment.teacher_grace_seconds:.0f} s), or Docker kills it mid-drain"
+        )
     return problems
 
 
 def check_prometheus(deployment: Deployment, prometheus: dict[str, Any]) -> list[str]:
     """Disagreements between a parsed ``prometheus.yml`` and ``deployment``'s metrics endpoints."""
-    jobs = {job["job_name"]: sorted(target for static in job.get("static_configs", [])
-                                    for target in static.get("targets", []))
-            for job in prometheus.get("scrape_configs") or []}
-    expected = {TEACHER: [f"{TEACHER}:{deployment.teacher_metrics_port}"],
-                TRAINER: sorted(f"{TRAINER}:{port}" for port in deployment.trainer_metrics_ports)}
-    return [f"prometheus: job {job!r} scrapes {jobs.get(job)}, expected {targets}"
-            for job, targets in expected.items() if jobs.get(job) != targets]
+    jobs = {
+        job["job_name"]: sorted(
+            target for static in job.get("static_configs", []) for target in static.get("targets", [])
+        )
+        for job in prometheus.get("scrape_configs") or []
+    }
+    expected = {
+        TEACHER: [f"{TEACHER}:{deployment.teacher_metrics_port}"],
+        TRAINER: sorted(f"{TRAINER}:{port}" for port in deployment.trainer_metrics_ports),
+    }
+    return [
+        f"prometheus: job {job!r} scrapes {jobs.get(job)}, expected {targets}"
+        for job, targets in expected.items()
+        if jobs.get(job) != targets
+    ]
 
 
 def _device_ids(service: dict[str, Any]) -> list[int]:
     devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-    return sorted(int(i) for device in devices if device.get("driver") == "nvidia" for i in device.get("device_ids", []))
+    return sorted(
+        int(i) for device in devices if device.get("driver") == "nvidia" for i in device.get("device_ids", [])
+    )
 
 
 def _flag(service: dict[str, Any], name: str) -> str | None:
@@ -204,10 +228,15 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Check the node's GPU layout against the service configs, "
-                                                 "the compose file and Prometheus, or print the derived values.")
-    parser.add_argument("command", choices=("check", "show"),
-                        help="check: exit 1 naming every disagreement; show: print KEY=VALUE lines")
+    parser = argparse.ArgumentParser(
+        description="Check the node's GPU layout against the service configs, "
+        "the compose file and Prometheus, or print the derived values."
+    )
+    parser.add_argument(
+        "command",
+        choices=("check", "show"),
+        help="check: exit 1 naming every disagreement; show: print KEY=VALUE lines",
+    )
     parser.add_argument("--layout", type=Path, default=LAYOUT, help="the layout YAML (default: deploy/cluster.yaml)")
     parser.add_argument("--compose", type=Path, default=COMPOSE, help="the compose file to check")
     parser.add_argument("--prometheus", type=Path, default=PROMETHEUS, help="the Prometheus config to check")
@@ -220,14 +249,17 @@ def main() -> None:
         for key, value in deployment.as_env().items():
             print(f"{key}={value}")
         return
-    problems = (check_compose(deployment, _load_yaml(args.compose))
-                + check_prometheus(deployment, _load_yaml(args.prometheus)))
+    problems = check_compose(deployment, _load_yaml(args.compose)) + check_prometheus(
+        deployment, _load_yaml(args.prometheus)
+    )
     if problems:
         sys.exit("\n".join(problems))
     env = deployment.as_env()
-    print(f"ok: teacher GPUs {env['TEACHER_GPUS']} (TP={env['TEACHER_TENSOR_PARALLEL_SIZE']}), trainer GPUs "
-          f"{env['TRAINER_GPUS']} (torchrun x{env['TRAINER_NPROC_PER_NODE']}), metrics ports "
-          f"{env['TEACHER_METRICS_PORT']} and {env['TRAINER_METRICS_PORTS']}")
+    print(
+        f"ok: teacher GPUs {env['TEACHER_GPUS']} (TP={env['TEACHER_TENSOR_PARALLEL_SIZE']}), trainer GPUs "
+        f"{env['TRAINER_GPUS']} (torchrun x{env['TRAINER_NPROC_PER_NODE']}), metrics ports "
+        f"{env['TEACHER_METRICS_PORT']} and {env['TRAINER_METRICS_PORTS']}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ def check_tls_config(config: object, section: str, switch: str, dependents: tupl
         if name.startswith("tls_") and name.endswith("_file") and value is not None:
             read_pem(value, f"{section}.{name}")
     if config.auth_token_env is not None and not _ENV_NAME.fullmatch(config.auth_token_env):
-        raise ValueError(f"{section}.auth_token_env must name the environment variable that holds the token "
-                         "(upper case, e.g. TEACHER_AUTH_TOKEN); never put the token itself in the config")
+        raise ValueError(
+            f"{section}.auth_token_env must name the environment variable that holds the token "
+            "(upper case, e.g. TEACHER_AUTH_TOKEN); never put the token itself in the config"
+        )
 
 
 def read_pem(path: str, field: str) -> bytes:
@@ -70,8 +72,10 @@ def read_token(env_var: str, field: str) -> str:
     """The bearer token in ``env_var``; refuses an unset, empty or malformed one (never echoing it)."""
     token = os.environ.get(env_var, "")
     if not token:
-        raise ValueError(f"{field} names the environment variable {env_var}, which is unset or empty: "
-                         f"set {env_var} to the bearer token (deploy/.env) or unset {field}")
+        raise ValueError(
+            f"{field} names the environment variable {env_var}, which is unset or empty: "
+            f"set {env_var} to the bearer token (deploy/.env) or unset {field}"
+        )
     if not (token.isascii() and token.isprintable()) or " " in token:
         raise ValueError(f"the token in {env_var} ({field}) must be printable ASCII without spaces")
     return token
@@ -84,8 +88,9 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-def channel_credentials(ca_file: str, cert_file: str | None, key_file: str | None, token: str | None,
-                        section: str) -> grpc.ChannelCredentials:
+def channel_credentials(
+    ca_file: str, cert_file: str | None, key_file: str | None, token: str | None, section: str
+) -> grpc.ChannelCredentials:
     """TLS to a server whose certificate ``ca_file`` signed, with an optional client certificate
     (mutual TLS) and an optional bearer token on every call. gRPC sends call credentials only over
     TLS, so a token can never leave in clear text. ``section`` prefixes the field names in errors."""

@@ -24,8 +24,11 @@ class TeacherClient:
     def __init__(self, address: str):
         self.address = address
         self.channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                              ("grpc.max_send_message_length", MAX_RECEIVE_BYTES)]
+            address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                ("grpc.max_send_message_length", MAX_RECEIVE_BYTES),
+            ],
         )
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)

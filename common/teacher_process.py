@@ -28,9 +28,16 @@ def free_port() -> int:
 class TeacherProcess:
     """``python -m teacher_service`` on free loopback ports; ``with`` waits for SERVING and stops it."""
 
-    def __init__(self, config: str | Path, overrides: list[str] = (), log_path: str | Path | None = None,
-                 startup_timeout: float = 300.0, port: int | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        config: str | Path,
+        overrides: list[str] = (),
+        log_path: str | Path | None = None,
+        startup_timeout: float = 300.0,
+        port: int | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        env: Mapping[str, str] | None = None,
+    ):
         """``port``: the gRPC port to bind (default: a free one), e.g. to restart a teacher in place.
         ``credentials``: of the health checks, for a teacher with TLS on (default: plaintext).
         ``env``: variables set for the child on top of this process's environment (e.g. ``OMP_NUM_THREADS``)."""
@@ -39,8 +46,14 @@ class TeacherProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.command = [
-            sys.executable, "-m", "teacher_service", "--config", str(config),
-            f"server.port={self.port}", f"server.metrics_port={self.metrics_port}", *overrides,
+            sys.executable,
+            "-m",
+            "teacher_service",
+            "--config",
+            str(config),
+            f"server.port={self.port}",
+            f"server.metrics_port={self.metrics_port}",
+            *overrides,
         ]
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = startup_timeout
@@ -50,16 +63,22 @@ class TeacherProcess:
 
     def start(self) -> TeacherProcess:
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
-               **self.env}
+        env = {
+            **os.environ,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+            **self.env,
+        }
         self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env)
         return self
 
     def wait_serving(self) -> None:
         """Block until health is SERVING; raises with the log's tail if the process dies or times out."""
         deadline = time.monotonic() + self.startup_timeout
-        channel = (grpc.insecure_channel(self.address) if self.credentials is None
-                   else grpc.secure_channel(self.address, self.credentials))
+        channel = (
+            grpc.insecure_channel(self.address)
+            if self.credentials is None
+            else grpc.secure_channel(self.address, self.credentials)
+        )
         with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:

@@ -231,8 +231,15 @@ def pad_linear_attention_heads(model: Qwen3NextForCausalLM, head_dim: int) -> Qw
             t = pad(t * (d_v / head_dim) ** 0.5, 1, d_v)
         state[name] = t.contiguous()
     eps = config.rms_norm_eps * d_k * d_v / head_dim**2
-    padded_config = Qwen3NextConfig(**{**config.to_dict(), "linear_key_head_dim": head_dim,
-                                       "linear_value_head_dim": head_dim, "rms_norm_eps": eps, "dtype": "float32"})
+    padded_config = Qwen3NextConfig(
+        **{
+            **config.to_dict(),
+            "linear_key_head_dim": head_dim,
+            "linear_value_head_dim": head_dim,
+            "rms_norm_eps": eps,
+            "dtype": "float32",
+        }
+    )
     with _seeded(0):  # every parameter is overwritten; only keep the caller's RNG out of it
         padded = Qwen3NextForCausalLM(padded_config)
     padded.load_state_dict(state, strict=True)
@@ -277,9 +284,7 @@ def _save_model(model: PreTrainedModel, out: Path) -> None:
     """Write weights (safetensors), config, a greedy generation config and the tokenizer."""
     # Same special ids as the real Qwen3 generation config, without its sampling defaults,
     # which vLLM would otherwise apply to every request that does not set them.
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, BOS_ID], pad_token_id=BOS_ID
-    )
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, BOS_ID], pad_token_id=BOS_ID)
     model.save_pretrained(out)  # safetensors: the only format transformers 5 writes
     _write_tokenizer(out)
     size = sum(p.numel() for p in model.parameters())
@@ -330,8 +335,15 @@ def _stamp_key(root: Path) -> str | None:
         return None
 
 
-def build_lora_teacher(student_dir: str | Path, out: str | Path, *, seed: int, scale: float, rank: int = 4,
-                       targets: tuple[str, ...] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def build_lora_teacher(
+    student_dir: str | Path,
+    out: str | Path,
+    *,
+    seed: int,
+    scale: float,
+    rank: int = 4,
+    targets: tuple[str, ...] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Save, to `out`, the student plus a fixed random rank-`rank` LoRA merged into its weights.
 
     A teacher whose distance to the student is known and reachable: a per-prompt or static

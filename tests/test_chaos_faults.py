@@ -67,6 +67,7 @@ def checkpointer(tmp_path):
         model(torch.ones(1, 4)).sum().backward()
         optimizer.step()
         ckpt.save(step, model, optimizer, {"step": step}, {})
+
     return ckpt, model, optimizer, save
 
 

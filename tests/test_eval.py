@@ -39,8 +39,16 @@ CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"
 K = 8
 EDGES = [0, 8, 16]  # short sequences still fill every bucket
 OPTIM = OptimConfig(logits_chunk_positions=7)  # chunks that do not divide the positions
-HYPER = HyperLoRA.Config(rank=4, alpha=8.0, encoder_dim=32, encoder_layers=1, encoder_heads=2, trunk_dim=32,
-                         trunk_layers=1, max_prompt_tokens=64)
+HYPER = HyperLoRA.Config(
+    rank=4,
+    alpha=8.0,
+    encoder_dim=32,
+    encoder_layers=1,
+    encoder_heads=2,
+    trunk_dim=32,
+    trunk_layers=1,
+    max_prompt_tokens=64,
+)
 
 
 def _trained(adapter: nn.Module) -> nn.Module:
@@ -88,8 +96,10 @@ def _own_topk(student, batch) -> list[TopK]:
     logprobs = torch.log_softmax(logits, -1)
     values, ids = logprobs.topk(K, dim=-1)
     lengths = batch.attention_mask.sum(1).tolist()
-    return [TopK(ids[r, :n - 1].numpy().astype(np.int32), values[r, :n - 1].numpy(), np.zeros(n - 1, np.float32))
-            for r, n in enumerate(lengths)]
+    return [
+        TopK(ids[r, : n - 1].numpy().astype(np.int32), values[r, : n - 1].numpy(), np.zeros(n - 1, np.float32))
+        for r, n in enumerate(lengths)
+    ]
 
 
 def _items(student, examples: list[dict], weights: list[float] | None = None) -> list[tuple[HeldOut, list[TopK]]]:
@@ -130,8 +140,17 @@ def test_per_position_kl_sums_to_the_loss(models):
     logprobs = torch.log_softmax(torch.randn(23, K), -1) - 0.3
     for mode in ("tail", "renorm"):
         per = topk_kl_per_position(h, student.lm_head, ids, logprobs, mode=mode, temperature=2.0, chunk_size=5)
-        total = topk_kl_loss(h[None], student.lm_head, ids[None], logprobs[None], torch.ones(1, 23, dtype=torch.bool),
-                             1, mode=mode, temperature=2.0, chunk_size=5)
+        total = topk_kl_loss(
+            h[None],
+            student.lm_head,
+            ids[None],
+            logprobs[None],
+            torch.ones(1, 23, dtype=torch.bool),
+            1,
+            mode=mode,
+            temperature=2.0,
+            chunk_size=5,
+        )
         assert per.shape == (23,) and (per >= 0).all()
         assert float(per.sum()) == pytest.approx(float(total), rel=1e-5)
 
@@ -259,13 +278,34 @@ def test_cli_end_to_end(tmp_path, tiny_models, hf_teacher):
     student = AutoModelForCausalLM.from_pretrained(tiny_models.student, dtype=torch.float32)
     hyper = _trained(build_hyper_lora(config.hypernetwork, student))
     checkpointer = Checkpointer(CheckpointConfig(dir=str(tmp_path / "checkpoints")), rank=0)
-    path = checkpointer.save(3, hyper, torch.optim.AdamW(hyper.parameters()), {"step": 3, "phase_index": 0},
-                             config_to_dict(config))
-    command = [sys.executable, "-m", "trainer.eval", "--config", str(CPU_CONFIG), "--checkpoint", str(path.parent),
-               "--static-checkpoint", str(path), "--out", str(tmp_path / "out"), f"student.path={tiny_models.student}",
-               f"teacher.addresses=[{hf_teacher.address}]", "eval.held_out=2", f"data.cache_dir={tmp_path / 'data'}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**os.environ, "MASTER_PORT": str(free_port())})
+    path = checkpointer.save(
+        3, hyper, torch.optim.AdamW(hyper.parameters()), {"step": 3, "phase_index": 0}, config_to_dict(config)
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "trainer.eval",
+        "--config",
+        str(CPU_CONFIG),
+        "--checkpoint",
+        str(path.parent),
+        "--static-checkpoint",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+        f"student.path={tiny_models.student}",
+        f"teacher.addresses=[{hf_teacher.address}]",
+        "eval.held_out=2",
+        f"data.cache_dir={tmp_path / 'data'}",
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "MASTER_PORT": str(free_port())},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "# Held-out evaluation at step 3" in result.stdout
     saved = json.loads((tmp_path / "out" / "step-000003.json").read_text())

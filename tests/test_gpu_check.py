@@ -15,8 +15,17 @@ import pytest
 from tests.gpu import check
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_KEYS = {"tokens", "kernels", "ok", "peak_allocated_bytes", "peak_reserved_bytes", "param_bytes",
-            "step_seconds", "tokens_per_s", "error"}
+RUN_KEYS = {
+    "tokens",
+    "kernels",
+    "ok",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "param_bytes",
+    "step_seconds",
+    "tokens_per_s",
+    "error",
+}
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +34,14 @@ def cpu_report(tmp_path_factory):
     times one warm-up and one measured step at T = 64, 128, 256 with the torch kernels."""
     out = tmp_path_factory.mktemp("gpu-check")
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_WHEELS="none", GPU_CHECK_BUDGET="900")
-    proc = subprocess.run(["bash", str(ROOT / "tests/gpu/check.sh"), "--cpu", "--model-dir", str(out / "student")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tests/gpu/check.sh"), "--cpu", "--model-dir", str(out / "student")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, json.loads((out / check.RESULT_FILE).read_text()), proc.stdout
 
@@ -69,6 +84,7 @@ def test_merge_mode_names_what_did_not_run():
 def test_kernel_bindings_reads_both_transformers_styles():
     def fla_kernel():
         pass
+
     fla_kernel.__module__ = "fla.ops.gated_delta_rule.chunk"
 
     def torch_chunk_gated_delta_rule():
@@ -77,12 +93,17 @@ def test_kernel_bindings_reads_both_transformers_styles():
     def hub_wrapper(implementation):  # use_kernel_func_from_hub_with_fallback's closure
         def wrapped(*args, **kwargs):
             return implementation(*args, **kwargs)
+
         return wrapped
 
-    old_fla = types.SimpleNamespace(chunk_gated_delta_rule=fla_kernel, causal_conv1d_fn=None,
-                                    torch_chunk_gated_delta_rule=torch_chunk_gated_delta_rule)
-    old_torch = types.SimpleNamespace(chunk_gated_delta_rule=None, causal_conv1d_fn=None,
-                                      torch_chunk_gated_delta_rule=torch_chunk_gated_delta_rule)
+    old_fla = types.SimpleNamespace(
+        chunk_gated_delta_rule=fla_kernel,
+        causal_conv1d_fn=None,
+        torch_chunk_gated_delta_rule=torch_chunk_gated_delta_rule,
+    )
+    old_torch = types.SimpleNamespace(
+        chunk_gated_delta_rule=None, causal_conv1d_fn=None, torch_chunk_gated_delta_rule=torch_chunk_gated_delta_rule
+    )
     new_fla = types.SimpleNamespace(torch_chunk_gated_delta_rule=hub_wrapper(fla_kernel))
     new_torch = types.SimpleNamespace(torch_chunk_gated_delta_rule=hub_wrapper(torch_chunk_gated_delta_rule))
     assert check.kernel_bindings(old_fla)["fla_active"]

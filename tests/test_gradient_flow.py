@@ -28,8 +28,16 @@ from trainer.loss import topk_kl_loss
 GRAD_MIN, GRAD_MAX = 1e-4, 10.0
 BATCH, SEQ_LEN, PROMPT_LEN, TOP_K = 2, 24, 16, 8
 LEARN_STEPS, LEARN_LR = 6, 1e-3
-CONFIG = dict(rank=4, alpha=8.0, encoder_dim=64, encoder_heads=4, encoder_layers=1, trunk_dim=64,
-              trunk_layers=1, max_prompt_tokens=64)
+CONFIG = dict(
+    rank=4,
+    alpha=8.0,
+    encoder_dim=64,
+    encoder_heads=4,
+    encoder_layers=1,
+    trunk_dim=64,
+    trunk_layers=1,
+    max_prompt_tokens=64,
+)
 
 
 @dataclass
@@ -54,10 +62,17 @@ class Setup:
         """Generate the LoRA, run the student under it and return the top-K KL per counted token."""
         lora = hyper(self.prompt_ids, self.prompt_mask)
         with hyper_lora(self.student, lora, seq_len=self.input_ids.shape[1]):
-            hidden = self.student.model(self.input_ids, attention_mask=self.attention_mask,
-                                        use_cache=False).last_hidden_state
-        return topk_kl_loss(hidden, self.student.lm_head, self.teacher_ids, self.teacher_logprobs,
-                            self.loss_mask, int(self.loss_mask.sum()))
+            hidden = self.student.model(
+                self.input_ids, attention_mask=self.attention_mask, use_cache=False
+            ).last_hidden_state
+        return topk_kl_loss(
+            hidden,
+            self.student.lm_head,
+            self.teacher_ids,
+            self.teacher_logprobs,
+            self.loss_mask,
+            int(self.loss_mask.sum()),
+        )
 
 
 def make_setup(seq_len: int = SEQ_LEN) -> Setup:
@@ -68,9 +83,9 @@ def make_setup(seq_len: int = SEQ_LEN) -> Setup:
     vocab = student.config.vocab_size
     gen = torch.Generator().manual_seed(1234)
     attention_mask = torch.ones(BATCH, seq_len, dtype=torch.long)
-    attention_mask[1, -seq_len // 4:] = 0  # right padding on the second row
+    attention_mask[1, -seq_len // 4 :] = 0  # right padding on the second row
     prompt_mask = torch.ones(BATCH, PROMPT_LEN, dtype=torch.bool)
-    prompt_mask[1, PROMPT_LEN // 2:] = False
+    prompt_mask[1, PROMPT_LEN // 2 :] = False
     loss_mask = attention_mask.bool().clone()
     loss_mask[:, : seq_len // 3] = False  # the "user" part does not count
     # Teacher: random top-K ids, log-probs that leave 10 % of the mass to the tail.
@@ -143,8 +158,10 @@ def check_all_groups_after_two_steps(s: Setup) -> str:
     hyper = _grads_after_steps(s, 2)
     assert not _without_gradient(hyper), f"after two steps these parameters get no gradient: {_without_gradient(hyper)}"
     norms = group_grad_norms(hyper)
-    return (f"after 1 step: bank and heads get gradient; after 2: every parameter of all {len(norms)} groups "
-            f"({', '.join(norms)})")
+    return (
+        f"after 1 step: bank and heads get gradient; after 2: every parameter of all {len(norms)} groups "
+        f"({', '.join(norms)})"
+    )
 
 
 def check_gradient_bounds(s: Setup) -> str:
@@ -153,8 +170,10 @@ def check_gradient_bounds(s: Setup) -> str:
     for group, norm in norms.items():
         assert GRAD_MIN <= norm <= GRAD_MAX, f"{group}: gradient norm {norm:.3g} outside [{GRAD_MIN}, {GRAD_MAX}]"
     low, high = min(norms, key=norms.get), max(norms, key=norms.get)
-    return (f"gradient norms finite, in [{GRAD_MIN:g}, {GRAD_MAX:g}]: "
-            f"min {norms[low]:.2e} ({low}), max {norms[high]:.2e} ({high})")
+    return (
+        f"gradient norms finite, in [{GRAD_MIN:g}, {GRAD_MAX:g}]: "
+        f"min {norms[low]:.2e} ({low}), max {norms[high]:.2e} ({high})"
+    )
 
 
 def check_student_frozen(s: Setup) -> str:
@@ -180,8 +199,10 @@ def check_learns(s: Setup) -> str:
     with torch.no_grad():
         losses.append(s.loss(hyper).item())
     assert losses[-1] < 0.99 * losses[0], f"KL did not go down: {losses}"
-    return (f"learns: KL {losses[0]:.4f} -> {losses[-1]:.4f} after {LEARN_STEPS} AdamW steps "
-            f"(lr {LEARN_LR:g}) on one fixed batch")
+    return (
+        f"learns: KL {losses[0]:.4f} -> {losses[-1]:.4f} after {LEARN_STEPS} AdamW steps "
+        f"(lr {LEARN_LR:g}) on one fixed batch"
+    )
 
 
 CHECKS = (
@@ -227,8 +248,14 @@ def measure_cost(seq_len: int, repeats: int) -> list[str]:
     s = make_setup(seq_len)
     hyper = s.hyper()
     embeds = s.student.get_input_embeddings()(s.input_ids).detach().requires_grad_()
-    kl = functools.partial(topk_kl_loss, lm_head=s.student.lm_head, teacher_ids=s.teacher_ids,
-                           teacher_logprobs=s.teacher_logprobs, mask=s.loss_mask, num_tokens=int(s.loss_mask.sum()))
+    kl = functools.partial(
+        topk_kl_loss,
+        lm_head=s.student.lm_head,
+        teacher_ids=s.teacher_ids,
+        teacher_logprobs=s.teacher_logprobs,
+        mask=s.loss_mask,
+        num_tokens=int(s.loss_mask.sum()),
+    )
     backbone = s.student.model
 
     def student_only(loss_fn) -> None:
@@ -244,12 +271,16 @@ def measure_cost(seq_len: int, repeats: int) -> list[str]:
 
     lines = []
     for label, loss_fn in (("top-K KL", kl), ("backbone only", lambda h: h.pow(2).mean())):
-        base, adapted, ratio = _interleaved_medians(lambda: student_only(loss_fn), lambda: with_hyper_lora(loss_fn),
-                                                    repeats)
-        lines.append(f"cost ({label}): HyperLoRA fwd+bwd {adapted * 1e3:.0f} ms vs student fwd+bwd "
-                     f"{base * 1e3:.0f} ms, median ratio {ratio:.2f}x")
-    lines.append(f"cost measured at B={BATCH}, T={seq_len}, {repeats} interleaved pairs, "
-                 f"{torch.get_num_threads()} threads")
+        base, adapted, ratio = _interleaved_medians(
+            lambda: student_only(loss_fn), lambda: with_hyper_lora(loss_fn), repeats
+        )
+        lines.append(
+            f"cost ({label}): HyperLoRA fwd+bwd {adapted * 1e3:.0f} ms vs student fwd+bwd "
+            f"{base * 1e3:.0f} ms, median ratio {ratio:.2f}x"
+        )
+    lines.append(
+        f"cost measured at B={BATCH}, T={seq_len}, {repeats} interleaved pairs, {torch.get_num_threads()} threads"
+    )
     return lines
 
 

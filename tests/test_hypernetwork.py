@@ -10,8 +10,16 @@ from trainer.hypernetwork import HyperLoRA, StaticLoRA, build_hyper_lora, find_t
 from trainer.lora import hyper_lora
 from trainer.param_table import build_meta, render, table_rows
 
-SMALL = dict(rank=4, alpha=8.0, encoder_dim=64, encoder_heads=4, encoder_layers=1, trunk_dim=64, trunk_layers=1,
-             max_prompt_tokens=24)
+SMALL = dict(
+    rank=4,
+    alpha=8.0,
+    encoder_dim=64,
+    encoder_heads=4,
+    encoder_layers=1,
+    trunk_dim=64,
+    trunk_layers=1,
+    max_prompt_tokens=24,
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +173,15 @@ def test_config_loading_and_validation():
     assert HyperLoRA.Config(rank=16, alpha=32, rslora=True).scale == 8.0
     with pytest.raises(ConfigError, match="unknown"):
         load_config(HyperLoRA.Config, overrides=["ranks=8"])
-    for bad in (dict(rank=0), dict(targets=[]), dict(alpha=0.0), dict(encoder_dim=30, encoder_heads=4), dict(kind="mixed"),
-                dict(rank=16, experts=3), dict(experts=0)):
+    for bad in (
+        dict(rank=0),
+        dict(targets=[]),
+        dict(alpha=0.0),
+        dict(encoder_dim=30, encoder_heads=4),
+        dict(kind="mixed"),
+        dict(rank=16, experts=3),
+        dict(experts=0),
+    ):
         with pytest.raises(ValueError):
             HyperLoRA.Config(**bad)
 

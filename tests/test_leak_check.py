@@ -76,8 +76,9 @@ def test_a_child_left_running_is_found_and_one_reaped_is_not():
 
 def test_an_orphan_is_found():
     """A grandchild whose parent exited (say, a rank of a SIGKILLed torchrun) is re-parented to the session."""
-    shell = subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
-                           check=True)
+    shell = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True
+    )
     orphan = psutil.Process(int(shell.stdout))
     try:
         assert orphan.pid in {p.pid for p in leaked_children(set(), grace=0.5)}
@@ -86,17 +87,33 @@ def test_an_orphan_is_found():
         orphan.wait(10)  # reaps it: it is this process's child now
 
 
-
 def test_the_teardown_a_child_outlives_fails(tmp_path):
     """The leaking test fails at its teardown, the forgetful module fixture at the teardown of the
     module's last test; fixtures' children (session, module, adopted) are no leaks."""
     (tmp_path / "inner").mkdir()
     (tmp_path / "inner/conftest.py").write_text("from tests.conftest import *  # noqa: F403\n")
     (tmp_path / "inner/test_inner.py").write_text(INNER_TESTS)
-    inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={tmp_path}",
-                            f"--basetemp={tmp_path / 'tmp'}", str(tmp_path / "inner/test_inner.py")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    inner = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--rootdir={tmp_path}",
+            f"--basetemp={tmp_path / 'tmp'}",
+            str(tmp_path / "inner/test_inner.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "4 passed, 2 errors" in inner.stdout, inner.stdout[-3000:]
     for test, command in (("test_leaks", "sleep 64"), ("test_last", "sleep 61")):
-        assert re.search(rf"ERROR at teardown of {test} _+\nchild processes outlived the test \(now killed\): "
-                         rf"pid \d+: {command}\n", inner.stdout), inner.stdout[-3000:]
+        assert re.search(
+            rf"ERROR at teardown of {test} _+\nchild processes outlived the test \(now killed\): "
+            rf"pid \d+: {command}\n",
+            inner.stdout,
+        ), inner.stdout[-3000:]

@@ -88,9 +88,14 @@ def test_scored_cache_is_reused_and_rescored_when_a_parameter_changes(scored_dir
 
     def fake_score(teacher_dirs, examples, log_dir):
         scored_calls.append([e["trajectory_id"] for e in examples])
-        return [TopK(np.zeros((len(e["input_ids"]) - 1, teachers.TOP_K), np.int32),
-                     np.zeros((len(e["input_ids"]) - 1, teachers.TOP_K), np.float32),
-                     np.zeros(len(e["input_ids"]) - 1, np.float32)) for e in examples]
+        return [
+            TopK(
+                np.zeros((len(e["input_ids"]) - 1, teachers.TOP_K), np.int32),
+                np.zeros((len(e["input_ids"]) - 1, teachers.TOP_K), np.float32),
+                np.zeros(len(e["input_ids"]) - 1, np.float32),
+            )
+            for e in examples
+        ]
 
     monkeypatch.setattr(scored_module, "score", fake_score)
     again = load_scored(n_train=N, n_eval=N, out=scored_dir)

@@ -38,8 +38,11 @@ def random_lora(specs: dict[str, tuple[int, int]], batch: int, rank: int = R, sc
     """Random non-zero factors (leaf tensors requiring grad) for {name: (in, out)}."""
     gen = torch.Generator().manual_seed(seed)
     weights = {
-        name: LoRAWeights(torch.randn(batch, rank, i, generator=gen).requires_grad_(),
-                          torch.randn(batch, o, rank, generator=gen).requires_grad_(), name.split(".")[-1])
+        name: LoRAWeights(
+            torch.randn(batch, rank, i, generator=gen).requires_grad_(),
+            torch.randn(batch, o, rank, generator=gen).requires_grad_(),
+            name.split(".")[-1],
+        )
         for name, (i, o) in specs.items()
     }
     return GeneratedLoRA(weights=weights, scale=scale)

@@ -53,8 +53,9 @@ def value_and_grad(loss, hidden):
 def test_k_equals_v_is_exact_kl(mode, temperature):
     hidden, weight, teacher_logits, ids, logprobs, mask = make_case(V)
     n = int(mask.sum())
-    got = value_and_grad(topk_kl_loss(hidden, weight, ids, logprobs, mask, n, temperature=temperature,
-                                      mode=mode, chunk_size=4), hidden)
+    got = value_and_grad(
+        topk_kl_loss(hidden, weight, ids, logprobs, mask, n, temperature=temperature, mode=mode, chunk_size=4), hidden
+    )
     want = value_and_grad(exact_kl(hidden, weight, teacher_logits, mask, n, temperature), hidden)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
@@ -64,8 +65,9 @@ def test_k_equals_v_is_exact_kl(mode, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_top_k_matches_naive_reference(mode, temperature):
     hidden, weight, _, ids, logprobs, mask = make_case(5, seed=1)
-    got = value_and_grad(topk_kl_loss(hidden, weight, ids, logprobs, mask, 9, temperature=temperature,
-                                      mode=mode, chunk_size=3), hidden)
+    got = value_and_grad(
+        topk_kl_loss(hidden, weight, ids, logprobs, mask, 9, temperature=temperature, mode=mode, chunk_size=3), hidden
+    )
     want = value_and_grad(naive_bucket_kl(hidden, weight, ids, logprobs, mask, 9, temperature, mode), hidden)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
@@ -81,8 +83,10 @@ def test_tail_bucket_counts():
 
 def test_chunking_does_not_change_values_or_grads():
     hidden, weight, _, ids, logprobs, mask = make_case(6, seed=3)
-    results = [value_and_grad(topk_kl_loss(hidden, weight, ids, logprobs, mask, 5, chunk_size=c), hidden)
-               for c in (1, 4, 10_000)]
+    results = [
+        value_and_grad(topk_kl_loss(hidden, weight, ids, logprobs, mask, 5, chunk_size=c), hidden)
+        for c in (1, 4, 10_000)
+    ]
     for value, grad in results[1:]:
         torch.testing.assert_close(value, results[0][0], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-7)
@@ -93,8 +97,14 @@ def test_mask_and_normaliser():
     ids = ids.masked_fill(~mask[..., None], V + 100)  # garbage where nothing counts: never gathered
     loss = topk_kl_loss(hidden, weight, ids, logprobs, mask, 3)
     rows = mask.nonzero(as_tuple=True)
-    alone = topk_kl_loss(hidden[rows][None], weight, ids[rows][None], logprobs[rows][None],
-                         torch.ones(1, len(rows[0]), dtype=torch.bool), 3)
+    alone = topk_kl_loss(
+        hidden[rows][None],
+        weight,
+        ids[rows][None],
+        logprobs[rows][None],
+        torch.ones(1, len(rows[0]), dtype=torch.bool),
+        3,
+    )
     torch.testing.assert_close(loss, alone)
     torch.testing.assert_close(topk_kl_loss(hidden, weight, ids, logprobs, mask, torch.tensor(6.0)), loss / 2)
 
@@ -104,8 +114,9 @@ def test_lm_head_module_or_weight():
     head = nn.Linear(H, V, bias=False)
     with torch.no_grad():
         head.weight.copy_(weight)
-    torch.testing.assert_close(topk_kl_loss(hidden, head, ids, logprobs, mask, 1),
-                               topk_kl_loss(hidden, weight, ids, logprobs, mask, 1))
+    torch.testing.assert_close(
+        topk_kl_loss(hidden, head, ids, logprobs, mask, 1), topk_kl_loss(hidden, weight, ids, logprobs, mask, 1)
+    )
 
 
 @pytest.mark.parametrize("mode", ["tail", "renorm"])
@@ -146,8 +157,9 @@ def test_extreme_student_logits(mode, temperature):
     for k in (6, V):
         idx = ids if k == 6 else torch.arange(V).expand(2, 5, V)
         lp = logprobs if k == 6 else torch.log_softmax(torch.randn(2, 5, V, generator=gen), -1)
-        loss = topk_kl_loss(hidden, weight, idx, lp, torch.ones(2, 5, dtype=torch.bool), 10,
-                            temperature=temperature, mode=mode)
+        loss = topk_kl_loss(
+            hidden, weight, idx, lp, torch.ones(2, 5, dtype=torch.bool), 10, temperature=temperature, mode=mode
+        )
         (grad,) = torch.autograd.grad(loss, hidden)
         assert torch.isfinite(loss) and loss >= 0 and torch.isfinite(grad).all()
 

@@ -32,8 +32,21 @@ WORLD = 2
 
 def _torchrun(check: str, out: Path, *args: str, timeout: float = 600) -> list[dict]:
     port = str(29600 + os.getpid() % 300)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", port,
-               __file__, "--check", check, "--out", str(out), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_port",
+        port,
+        __file__,
+        "--check",
+        check,
+        "--out",
+        str(out),
+        *args,
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
@@ -57,7 +70,9 @@ def test_layers_reshard_after_forward_and_recompute_in_backward(tiny_models, tmp
 
 
 def test_checkpointing_off_runs_each_layer_once(tiny_models, tmp_path):
-    ranks = _torchrun("sharding", tmp_path, f"student.path={tiny_models.student}", "student.gradient_checkpointing=false")
+    ranks = _torchrun(
+        "sharding", tmp_path, f"student.path={tiny_models.student}", "student.gradient_checkpointing=false"
+    )
     assert ranks[0]["forward_calls"] == [1] * ranks[0]["layers"]
     assert ranks[0]["unsharded_after_forward"] == []
 
@@ -86,8 +101,18 @@ def test_prepare_data_takes_the_chat_template(tiny_models, tmp_path):
     shutil.copytree(tiny_models.student, student)
     _strip_generation_blocks(student / "chat_template.jinja")
     source = str(ROOT / "tests/fixtures/swe_rebench_sample.jsonl")
-    args = ["--tokenizer", str(student), "--source", source, "--max-length", "512", "--num-proc", "1",
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--tokenizer",
+        str(student),
+        "--source",
+        source,
+        "--max-length",
+        "512",
+        "--num-proc",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     with pytest.raises(ValueError, match="generation"):
         main([*args, "--out", str(tmp_path / "bad")])
     main([*args, "--out", str(tmp_path / "good"), "--chat-template", str(ROOT / "common/chat_template.jinja")])
@@ -156,11 +181,25 @@ def _cpu_config(*overrides: str):
     return load_config(TrainerConfig, CPU_CONFIG, ["student.gradient_checkpointing=true", *overrides])
 
 
-WIDE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-            layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=64, linear_value_head_dim=64, num_experts=64, num_experts_per_tok=4,
-            moe_intermediate_size=256, shared_expert_intermediate_size=256, tie_word_embeddings=False)
+WIDE = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    layer_types=["linear_attention"] * 3 + ["full_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
+    num_experts=64,
+    num_experts_per_tok=4,
+    moe_intermediate_size=256,
+    shared_expert_intermediate_size=256,
+    tie_word_embeddings=False,
+)
 
 
 def _save_wide_student(out: Path) -> None:
@@ -171,8 +210,10 @@ def _save_wide_student(out: Path) -> None:
     model = Qwen3NextForCausalLM(Qwen3NextConfig(**WIDE, dtype="float32"))
     model.save_pretrained(out, max_shard_size="40MB")
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    replicated = sum(p.numel() * p.element_size()
-                     for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight))
+    replicated = sum(
+        p.numel() * p.element_size()
+        for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    )
     decoder = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
     sizes = {"total_bytes": total, "replicated_bytes": replicated, "sharded_bytes": decoder}
     (out / "sizes.json").write_text(json.dumps(sizes))
@@ -232,12 +273,27 @@ def _check_sharding(args, overrides: list[str]) -> dict:
     torch.manual_seed(1)  # the same batch on both ranks
     seq, prompt, top_k = 48, 16, 8
     ids = torch.randint(0, 1000, (1, seq))
-    batch = Batch(ids, torch.ones_like(ids), torch.ones(1, seq, dtype=torch.bool), ids[:, :prompt],
-                  torch.ones(1, prompt, dtype=torch.bool), ["t0"])
+    batch = Batch(
+        ids,
+        torch.ones_like(ids),
+        torch.ones(1, seq, dtype=torch.bool),
+        ids[:, :prompt],
+        torch.ones(1, prompt, dtype=torch.bool),
+        ["t0"],
+    )
     teacher_ids = torch.randint(0, 1000, (1, seq - 1, top_k))
     teacher_logprobs = torch.log_softmax(torch.randn(1, seq - 1, top_k), -1) - 0.1
-    loss, _ = distill_loss(student, hyper, batch, teacher_ids, teacher_logprobs, batch.loss_mask[:, 1:],
-                           float(seq - 1), config.optim, dist.device)
+    loss, _ = distill_loss(
+        student,
+        hyper,
+        batch,
+        teacher_ids,
+        teacher_logprobs,
+        batch.loss_mask[:, 1:],
+        float(seq - 1),
+        config.optim,
+        dist.device,
+    )
     after_forward = _unsharded_layers(student)
     (loss * dist.world_size).backward()
     after_backward = _unsharded_layers(student)
@@ -248,10 +304,16 @@ def _check_sharding(args, overrides: list[str]) -> dict:
     with torch.no_grad():
         ours = student.model(input_ids=ids).last_hidden_state
         theirs = reference.model(input_ids=ids).last_hidden_state
-    return {"layers": len(counted), "forward_calls": counted, "unsharded_after_forward": after_forward,
-            "unsharded_after_backward": after_backward, "student_training": student.training,
-            "loss": float(loss.detach()), "hyper_grad_norm": grad,
-            "max_abs_diff_vs_from_pretrained": float((ours - theirs).abs().max())}
+    return {
+        "layers": len(counted),
+        "forward_calls": counted,
+        "unsharded_after_forward": after_forward,
+        "unsharded_after_backward": after_backward,
+        "student_training": student.training,
+        "loss": float(loss.detach()),
+        "hyper_grad_norm": grad,
+        "max_abs_diff_vs_from_pretrained": float((ours - theirs).abs().max()),
+    }
 
 
 def _check_load_rss(args, overrides: list[str]) -> dict:

@@ -47,9 +47,17 @@ def _tiny_student_with_lora(rank: int = 16) -> tuple[Qwen3NextForCausalLM, Gener
     student = Qwen3NextForCausalLM(Qwen3NextConfig(**STUDENT_CONFIG)).float().requires_grad_(False)
     targets = find_targets(student, DEFAULT_TARGETS)
     wrap_targets(student, [t.name for t in targets])
-    lora = GeneratedLoRA({t.name: LoRAWeights((0.01 * torch.randn(1, rank, t.in_features)).requires_grad_(),
-                                              (0.01 * torch.randn(1, t.out_features, rank)).requires_grad_(), t.kind)
-                          for t in targets}, 2.0)
+    lora = GeneratedLoRA(
+        {
+            t.name: LoRAWeights(
+                (0.01 * torch.randn(1, rank, t.in_features)).requires_grad_(),
+                (0.01 * torch.randn(1, t.out_features, rank)).requires_grad_(),
+                t.kind,
+            )
+            for t in targets
+        },
+        2.0,
+    )
     enable_gradient_checkpointing(student)
     return student.train(), lora
 
@@ -61,8 +69,9 @@ def test_predicted_peak_matches_tiny_student():
     tokens = 512
     student, lora = _tiny_student_with_lora()
     cfg = student.config
-    per_token = max(plan.measure_layer(STUDENT_CONFIG, kind, tokens // 4, dtype=torch.float32).peak_bytes
-                    for kind in plan.KINDS) / (tokens // 4)
+    per_token = max(
+        plan.measure_layer(STUDENT_CONFIG, kind, tokens // 4, dtype=torch.float32).peak_bytes for kind in plan.KINDS
+    ) / (tokens // 4)
     inputs, layer = plan.decoder_activation_bytes(cfg.num_hidden_layers, cfg.hidden_size, 4, tokens, per_token)
     ids = torch.randint(0, 151_000, (1, tokens))
     calls = []
@@ -87,7 +96,7 @@ def test_loss_buffers_match_measured_peak():
     tokens, hidden_size, vocab, top_k, chunk = 1024, 64, 151_936, 20, 128
     hidden = torch.randn(1, tokens, hidden_size, dtype=torch.bfloat16, requires_grad=True)
     head = torch.randn(vocab, hidden_size, dtype=torch.bfloat16)
-    ids = ((torch.randint(0, vocab, (1, tokens, 1)) + 7919 * torch.arange(top_k)) % vocab)  # distinct per row
+    ids = (torch.randint(0, vocab, (1, tokens, 1)) + 7919 * torch.arange(top_k)) % vocab  # distinct per row
     logprobs = torch.log_softmax(torch.randn(1, tokens, top_k), -1) - 0.1
     mask = torch.ones(1, tokens, dtype=torch.bool)
 
@@ -123,8 +132,9 @@ def test_plan_json_and_arithmetic(capsys):
     assert t["trainer_hours"] == pytest.approx(t["tokens"] / main["trainer_tokens_per_s"] / 3600)
     assert t["teacher_hours"] == pytest.approx(t["tokens"] / 30_000 / 3600)
     assert t["hours"] == pytest.approx(max(t["trainer_hours"], t["teacher_hours"]))
-    assert t["hours_cached"] == pytest.approx(max(t["trainer_hours"], t["teacher_hours"]) / 20
-                                              + t["trainer_hours"] * 19 / 20)
+    assert t["hours_cached"] == pytest.approx(
+        max(t["trainer_hours"], t["teacher_hours"]) / 20 + t["trainer_hours"] * 19 / 20
+    )
 
 
 def test_plan_uses_measured_numbers(tmp_path, capsys):
@@ -134,14 +144,35 @@ def test_plan_uses_measured_numbers(tmp_path, capsys):
     param_bytes = 4 * shape.largest_layer_params * 2
     hyper = plan.hyper_shape(plan_config().hypernetwork)
     peak = param_bytes + hyper.params * 12 + 4 * tokens * 2048 * 2 + tokens * 20 * 12 + per_token * tokens
-    report = {"device": "NVIDIA H200", "world_size": 1,
-              "config": {"num_hidden_layers": 4, "hidden_size": 2048},
-              "runs": [{"tokens": tokens, "kernels": "fla", "ok": True, "peak_allocated_bytes": peak,
-                        "peak_reserved_bytes": int(peak * 1.05), "param_bytes": param_bytes, "step_seconds": 1.0,
-                        "tokens_per_s": tps, "error": None},
-                       {"tokens": tokens, "kernels": "torch", "ok": False, "peak_allocated_bytes": 0,
-                        "peak_reserved_bytes": 0, "param_bytes": 0, "step_seconds": 0.0, "tokens_per_s": 0.0,
-                        "error": "skipped"}]}
+    report = {
+        "device": "NVIDIA H200",
+        "world_size": 1,
+        "config": {"num_hidden_layers": 4, "hidden_size": 2048},
+        "runs": [
+            {
+                "tokens": tokens,
+                "kernels": "fla",
+                "ok": True,
+                "peak_allocated_bytes": peak,
+                "peak_reserved_bytes": int(peak * 1.05),
+                "param_bytes": param_bytes,
+                "step_seconds": 1.0,
+                "tokens_per_s": tps,
+                "error": None,
+            },
+            {
+                "tokens": tokens,
+                "kernels": "torch",
+                "ok": False,
+                "peak_allocated_bytes": 0,
+                "peak_reserved_bytes": 0,
+                "param_bytes": 0,
+                "step_seconds": 0.0,
+                "tokens_per_s": 0.0,
+                "error": "skipped",
+            },
+        ],
+    }
     path = tmp_path / "gpu_check.json"
     path.write_text(json.dumps(report))
     plan.main(["--config", H200_CONFIG, "--phase", "main", "--measured", str(path), "--json"])

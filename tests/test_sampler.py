@@ -67,7 +67,7 @@ def test_ranks_get_disjoint_batches_and_equal_step_counts(lengths, world_size):
     per_rank = [list(s) for s in ranks]
     indices = np.concatenate([np.concatenate(batches) for batches in per_rank])
     assert len(indices) == len(set(indices.tolist()))  # disjoint
-    dropped = ranks[0].global_batches(0)[len(ranks[0]) * world_size:]
+    dropped = ranks[0].global_batches(0)[len(ranks[0]) * world_size :]
     assert len(dropped) == ranks[0].num_batches % world_size
     assert len(indices) + sum(map(len, dropped)) == len(lengths)
 
@@ -87,8 +87,9 @@ def test_shuffle_is_seeded_and_changes_every_epoch(lengths):
 @pytest.mark.parametrize("consumed", ["none", "some", "one_epoch", "past_epoch", "two_epochs_and_one"])
 def test_resume_yields_exactly_the_remaining_batches(lengths, world_size, consumed):
     steps = len(sampler(lengths, world_size=world_size))
-    k = {"none": 0, "some": 5, "one_epoch": steps, "past_epoch": steps + 3,
-         "two_epochs_and_one": 2 * steps + 1}[consumed]
+    k = {"none": 0, "some": 5, "one_epoch": steps, "past_epoch": steps + 3, "two_epochs_and_one": 2 * steps + 1}[
+        consumed
+    ]
     total = 3 * steps
     for rank in range(world_size):
         reference = take(sampler(lengths, rank=rank, world_size=world_size), total)
@@ -102,9 +103,10 @@ def test_resume_yields_exactly_the_remaining_batches(lengths, world_size, consum
 
 def test_resume_from_the_state_of_a_batch_read_ahead(lengths):
     """A consumer that prefetches saves the state yielded with the last batch it trained on."""
-    rows = [{"trajectory_id": f"t{i}", "input_ids": [1] * n, "loss_mask": [True] * n, "prompt_ids": [1],
-             "length": n}
-            for i, n in enumerate(lengths.tolist())]
+    rows = [
+        {"trajectory_id": f"t{i}", "input_ids": [1] * n, "loss_mask": [True] * n, "prompt_ids": [1], "length": n}
+        for i, n in enumerate(lengths.tolist())
+    ]
     dataset = datasets.Dataset.from_list(rows, features=datasets.Features(STORED_FEATURES))
     reference = [b.trajectory_ids for b, _ in iterate_batches(dataset, sampler(lengths), PAD)]
     s = sampler(lengths)
@@ -118,8 +120,12 @@ def test_resume_from_the_state_of_a_batch_read_ahead(lengths):
 
 def test_state_from_other_data_or_settings_is_rejected(lengths):
     state = sampler(lengths).state_dict()
-    for other in (sampler(lengths[:-1]), sampler(lengths, seed=5), sampler(lengths, world_size=2),
-                  sampler(lengths, token_budget=2 * BUDGET)):
+    for other in (
+        sampler(lengths[:-1]),
+        sampler(lengths, seed=5),
+        sampler(lengths, world_size=2),
+        sampler(lengths, token_budget=2 * BUDGET),
+    ):
         with pytest.raises(ValueError, match="same data and settings"):
             other.load_state_dict(state)
 
@@ -135,10 +141,20 @@ def test_bad_arguments_raise(lengths):
 
 def examples() -> list[dict]:
     return [
-        {"trajectory_id": "a", "input_ids": [5, 6, 7, 8, 9], "loss_mask": [False, False, False, True, True],
-         "prompt_ids": [5, 6], "length": 5},
-        {"trajectory_id": "b", "input_ids": [1, 2, 3], "loss_mask": [False, True, False],
-         "prompt_ids": [1, 2, 3], "length": 3},
+        {
+            "trajectory_id": "a",
+            "input_ids": [5, 6, 7, 8, 9],
+            "loss_mask": [False, False, False, True, True],
+            "prompt_ids": [5, 6],
+            "length": 5,
+        },
+        {
+            "trajectory_id": "b",
+            "input_ids": [1, 2, 3],
+            "loss_mask": [False, True, False],
+            "prompt_ids": [1, 2, 3],
+            "length": 3,
+        },
     ]
 
 

@@ -96,8 +96,9 @@ def readme_certificate_commands() -> str:
 def make_certs(directory: Path) -> Certs:
     """A CA, the teacher's certificate (teacher, localhost, 127.0.0.1) and a client certificate,
     made by running the documented commands in ``directory``."""
-    subprocess.run(["bash", "-euc", readme_certificate_commands()], cwd=directory, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["bash", "-euc", readme_certificate_commands()], cwd=directory, check=True, capture_output=True, timeout=120
+    )
     return Certs(directory)
 
 
@@ -109,8 +110,12 @@ def certs(tmp_path_factory) -> Certs:
 
 
 def tls_overrides(certs: Certs) -> list[str]:
-    return [f"server.tls_cert_file={certs.server_crt}", f"server.tls_key_file={certs.server_key}",
-            f"server.tls_client_ca_file={certs.ca_crt}", f"server.auth_token_env={TOKEN_ENV}"]
+    return [
+        f"server.tls_cert_file={certs.server_crt}",
+        f"server.tls_key_file={certs.server_key}",
+        f"server.tls_client_ca_file={certs.ca_crt}",
+        f"server.auth_token_env={TOKEN_ENV}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +124,12 @@ def secure_teacher(tmp_path_factory, tiny_models, certs):
     with pytest.MonkeyPatch.context() as env:
         env.setenv(TOKEN_ENV, TOKEN)
         log = tmp_path_factory.mktemp("secure-teacher") / "teacher.log"
-        teacher = TeacherProcess(TEACHER_CPU_CONFIG, [f"engine.model={tiny_models.teacher}", "engine.kind=hf",
-                                                      *tls_overrides(certs)],
-                                 log_path=log, credentials=certs.credentials())
+        teacher = TeacherProcess(
+            TEACHER_CPU_CONFIG,
+            [f"engine.model={tiny_models.teacher}", "engine.kind=hf", *tls_overrides(certs)],
+            log_path=log,
+            credentials=certs.credentials(),
+        )
         with teacher:
             yield teacher
 
@@ -132,9 +140,17 @@ def fingerprint(tiny_models) -> str:
 
 
 def client_config(address: str, certs: Certs, **overrides) -> TeacherClientConfig:
-    settings = dict(addresses=[address], top_k=TOP_K, connect_timeout_seconds=30.0, request_timeout_seconds=60.0,
-                    retry_budget_seconds=30.0, tls_ca_file=certs.ca_crt, tls_cert_file=certs.client_crt,
-                    tls_key_file=certs.client_key, auth_token_env=TOKEN_ENV)
+    settings = dict(
+        addresses=[address],
+        top_k=TOP_K,
+        connect_timeout_seconds=30.0,
+        request_timeout_seconds=60.0,
+        retry_budget_seconds=30.0,
+        tls_ca_file=certs.ca_crt,
+        tls_cert_file=certs.client_crt,
+        tls_key_file=certs.client_key,
+        auth_token_env=TOKEN_ENV,
+    )
     return TeacherClientConfig(**{**settings, **overrides})
 
 
@@ -147,14 +163,15 @@ def test_trainer_client_scores_over_mutual_tls_with_the_token(secure_teacher, ce
     assert_matches_reference(topk, reference.logprobs(ids), ids, rtol=2.0**-11)  # float16 on the wire
 
 
-@pytest.mark.parametrize("token, message", [(None, MISSING), ("not-the-token", INVALID)],
-                         ids=["no-token", "wrong-token"])
-def test_trainer_client_without_the_right_token_fails_at_start(secure_teacher, certs, fingerprint, monkeypatch,
-                                                                token, message):
+@pytest.mark.parametrize(
+    "token, message", [(None, MISSING), ("not-the-token", INVALID)], ids=["no-token", "wrong-token"]
+)
+def test_trainer_client_without_the_right_token_fails_at_start(
+    secure_teacher, certs, fingerprint, monkeypatch, token, message
+):
     if token is not None:
         monkeypatch.setenv("HYPERDISTILL_TEST_WRONG_TOKEN", token)
-    config = client_config(secure_teacher.address, certs,
-                           auth_token_env=token and "HYPERDISTILL_TEST_WRONG_TOKEN")
+    config = client_config(secure_teacher.address, certs, auth_token_env=token and "HYPERDISTILL_TEST_WRONG_TOKEN")
     client = TeacherClient(config)
     with pytest.raises(TeacherRequestError, match=re.escape(f"UNAUTHENTICATED: {message}")) as err:
         client.start(VOCAB, fingerprint)
@@ -163,8 +180,9 @@ def test_trainer_client_without_the_right_token_fails_at_start(secure_teacher, c
 
 
 def test_trainer_client_without_a_client_certificate_gets_no_connection(secure_teacher, certs, fingerprint):
-    config = client_config(secure_teacher.address, certs, tls_cert_file=None, tls_key_file=None,
-                           connect_timeout_seconds=2.0)
+    config = client_config(
+        secure_teacher.address, certs, tls_cert_file=None, tls_key_file=None, connect_timeout_seconds=2.0
+    )
     client = TeacherClient(config)
     with pytest.raises(TeacherUnavailableError, match="did not answer GetInfo within 2 s"):
         client.start(VOCAB, fingerprint)
@@ -174,8 +192,9 @@ def test_trainer_client_without_a_client_certificate_gets_no_connection(secure_t
 def test_tls_server_name_is_what_the_certificate_is_checked_against(secure_teacher, certs, fingerprint):
     with TeacherClient(client_config(secure_teacher.address, certs, tls_server_name="teacher")) as client:
         client.start(VOCAB, fingerprint)  # "teacher" is in the certificate, as compose's service name
-    config = client_config(secure_teacher.address, certs, tls_server_name="elsewhere.example",
-                           connect_timeout_seconds=2.0)
+    config = client_config(
+        secure_teacher.address, certs, tls_server_name="elsewhere.example", connect_timeout_seconds=2.0
+    )
     client = TeacherClient(config)
     with pytest.raises(TeacherUnavailableError, match="did not answer GetInfo within 2 s"):
         client.start(VOCAB, fingerprint)
@@ -185,20 +204,24 @@ def test_tls_server_name_is_what_the_certificate_is_checked_against(secure_teach
 def test_trainer_client_refuses_to_start_when_the_token_variable_is_unset(certs, fingerprint, monkeypatch):
     monkeypatch.delenv("HYPERDISTILL_TEST_UNSET", raising=False)
     client = TeacherClient(client_config("127.0.0.1:1", certs, auth_token_env="HYPERDISTILL_TEST_UNSET"))
-    with pytest.raises(ValueError, match="teacher.auth_token_env names the environment variable "
-                                         "HYPERDISTILL_TEST_UNSET, which is unset or empty"):
+    with pytest.raises(
+        ValueError,
+        match="teacher.auth_token_env names the environment variable HYPERDISTILL_TEST_UNSET, which is unset or empty",
+    ):
         client.start(VOCAB, fingerprint)
 
 
 # ---- each way in, on raw channels ---------------------------------------------------------------
-async def _calls(address: str, credentials: grpc.ChannelCredentials | None, metadata,
-                 score: list[pb.ScoreRequest] = ()) -> dict[str, object]:
+async def _calls(
+    address: str, credentials: grpc.ChannelCredentials | None, metadata, score: list[pb.ScoreRequest] = ()
+) -> dict[str, object]:
     """GetInfo (unary) and Score (bidirectional stream, sending ``score``): the reply, the chunks,
     or ``(code, details)``. A refused Score gets no request: the refusal comes with the call's
     headers, and a write racing the server's end of a call turns its status into INTERNAL on grpc's
     asyncio client (grpc/grpc#36066; the trainer's client retries such a stream)."""
-    channel = (grpc.aio.insecure_channel(address) if credentials is None
-               else grpc.aio.secure_channel(address, credentials))
+    channel = (
+        grpc.aio.insecure_channel(address) if credentials is None else grpc.aio.secure_channel(address, credentials)
+    )
     outcomes = {}
     async with channel:
         stub = pb_grpc.TeacherServiceStub(channel)
@@ -217,12 +240,16 @@ def _bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-@pytest.mark.parametrize("metadata, message", [
-    (None, MISSING),
-    (_bearer("wrong-" + "x" * 20), INVALID),
-    ((("authorization", f"Basic {TOKEN}"),), MALFORMED),
-    ((("authorization", "Bearer "),), MALFORMED),
-], ids=["no-token", "wrong-token", "other-scheme", "empty-token"])
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        (None, MISSING),
+        (_bearer("wrong-" + "x" * 20), INVALID),
+        ((("authorization", f"Basic {TOKEN}"),), MALFORMED),
+        ((("authorization", "Bearer "),), MALFORMED),
+    ],
+    ids=["no-token", "wrong-token", "other-scheme", "empty-token"],
+)
 def test_teacher_service_calls_without_the_token_are_unauthenticated(secure_teacher, certs, metadata, message):
     outcomes = asyncio.run(_calls(secure_teacher.address, certs.credentials(), metadata))
     for name, (code, details) in outcomes.items():
@@ -243,7 +270,9 @@ def test_without_a_client_certificate_or_tls_the_connection_fails(secure_teacher
     credentials = None if client_certificate is None else certs.credentials(client_certificate=False)
     outcomes = asyncio.run(_calls(secure_teacher.address, credentials, _bearer(TOKEN)))
     assert {name: code for name, (code, _) in outcomes.items()} == {
-        "GetInfo": grpc.StatusCode.UNAVAILABLE, "Score": grpc.StatusCode.UNAVAILABLE}
+        "GetInfo": grpc.StatusCode.UNAVAILABLE,
+        "Score": grpc.StatusCode.UNAVAILABLE,
+    }
 
 
 def test_health_needs_no_token(secure_teacher, certs):
@@ -298,11 +327,19 @@ def test_compose_passes_certificates_and_token_to_both_services():
         assert services[name]["environment"]["TEACHER_AUTH_TOKEN"] == "${TEACHER_AUTH_TOKEN:-}", name
         assert "${TLS_DIR:-/srv/hyperdistill/tls}:/tls:ro" in services[name]["volumes"], name
     assert services["teacher"]["environment"]["GRPCURL_TLS_FLAGS"] == "${GRPCURL_TLS_FLAGS:--plaintext}"
-    example = dict(line.split("=", 1) for line in (ROOT / "deploy/.env.example").read_text().splitlines()
-                   if line and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / "deploy/.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert example["TEACHER_AUTH_TOKEN"] == "" and example["GRPCURL_TLS_FLAGS"] == ""
-    for config in ("teacher.cpu.yaml", "teacher.demo.yaml", "teacher.h200.yaml", "trainer.cpu.yaml",
-                   "trainer.h200.yaml"):
+    for config in (
+        "teacher.cpu.yaml",
+        "teacher.demo.yaml",
+        "teacher.h200.yaml",
+        "trainer.cpu.yaml",
+        "trainer.h200.yaml",
+    ):
         text = (ROOT / "deploy/configs" / config).read_text()
         assert "tls_" not in text and "auth_token_env" not in text, f"{config}: security is off by default"
 
@@ -315,8 +352,10 @@ def test_server_config_errors_name_the_field(certs, tmp_path):
         (dict(tls_cert_file=certs.server_crt), "server.tls_cert_file is set but server.tls_key_file is not"),
         (dict(tls_key_file=certs.server_key), "server.tls_key_file is set but server.tls_cert_file is not"),
         (dict(tls_client_ca_file=certs.ca_crt), "server.tls_client_ca_file needs server.tls_cert_file"),
-        (dict(tls_cert_file=str(tmp_path / "nope.crt"), tls_key_file=certs.server_key),
-         f"server.tls_cert_file: cannot read '{tmp_path / 'nope.crt'}'"),
+        (
+            dict(tls_cert_file=str(tmp_path / "nope.crt"), tls_key_file=certs.server_key),
+            f"server.tls_cert_file: cannot read '{tmp_path / 'nope.crt'}'",
+        ),
         (dict(tls_cert_file=certs.server_crt, tls_key_file=str(not_pem)), "server.tls_key_file: "),
         (dict(auth_token_env="Bearer abc123"), "server.auth_token_env must name the environment variable"),
     ]
@@ -329,10 +368,14 @@ def test_server_config_errors_name_the_field(certs, tmp_path):
 
 def test_client_config_errors_name_the_field(certs):
     cases = [
-        (dict(tls_cert_file=certs.client_crt, tls_key_file=certs.client_key),
-         "teacher.tls_cert_file needs teacher.tls_ca_file"),
-        (dict(tls_ca_file=certs.ca_crt, tls_key_file=certs.client_key),
-         "teacher.tls_key_file is set but teacher.tls_cert_file is not"),
+        (
+            dict(tls_cert_file=certs.client_crt, tls_key_file=certs.client_key),
+            "teacher.tls_cert_file needs teacher.tls_ca_file",
+        ),
+        (
+            dict(tls_ca_file=certs.ca_crt, tls_key_file=certs.client_key),
+            "teacher.tls_key_file is set but teacher.tls_cert_file is not",
+        ),
         (dict(auth_token_env=TOKEN_ENV), "teacher.auth_token_env needs teacher.tls_ca_file"),
         (dict(tls_server_name="teacher"), "teacher.tls_server_name needs teacher.tls_ca_file"),
         (dict(tls_ca_file="/nonexistent/ca.crt"), "teacher.tls_ca_file: cannot read '/nonexistent/ca.crt'"),
@@ -345,22 +388,39 @@ def test_client_config_errors_name_the_field(certs):
 
 def test_teacher_refuses_to_start_when_the_token_variable_is_unset(monkeypatch):
     monkeypatch.delenv("HYPERDISTILL_TEST_UNSET", raising=False)
-    config = load_config(TeacherConfig, TEACHER_CPU_CONFIG, ["engine.model=unused", "server.port=0",
-                                                             "server.auth_token_env=HYPERDISTILL_TEST_UNSET"])
-    with pytest.raises(ValueError, match="server.auth_token_env names the environment variable "
-                                         "HYPERDISTILL_TEST_UNSET, which is unset or empty"):
+    config = load_config(
+        TeacherConfig,
+        TEACHER_CPU_CONFIG,
+        ["engine.model=unused", "server.port=0", "server.auth_token_env=HYPERDISTILL_TEST_UNSET"],
+    )
+    with pytest.raises(
+        ValueError,
+        match="server.auth_token_env names the environment variable HYPERDISTILL_TEST_UNSET, which is unset or empty",
+    ):
         asyncio.run(serve(config))
 
 
 # ---- no pickles ---------------------------------------------------------------------------------
 def test_nothing_pickled_on_the_wire():
-    packed = {f"{message.name}.{field.name}" for message in pb.DESCRIPTOR.message_types_by_name.values()
-              for field in message.fields if field.type == field.TYPE_BYTES}
+    packed = {
+        f"{message.name}.{field.name}"
+        for message in pb.DESCRIPTOR.message_types_by_name.values()
+        for field in message.fields
+        if field.type == field.TYPE_BYTES
+    }
     # Packed little-endian numbers, decoded with np.frombuffer (common/codec.py).
-    assert packed == {"ScoreRequest.token_ids", "ScoreChunk.topk_ids", "ScoreChunk.topk_logprobs",
-                      "ScoreChunk.target_logprobs"}
-    wire = [ROOT / "common/codec.py", ROOT / "common/teacher_client.py", ROOT / "trainer/teacher_client.py",
-            *sorted((ROOT / "teacher_service").glob("*.py"))]
+    assert packed == {
+        "ScoreRequest.token_ids",
+        "ScoreChunk.topk_ids",
+        "ScoreChunk.topk_logprobs",
+        "ScoreChunk.target_logprobs",
+    }
+    wire = [
+        ROOT / "common/codec.py",
+        ROOT / "common/teacher_client.py",
+        ROOT / "trainer/teacher_client.py",
+        *sorted((ROOT / "teacher_service").glob("*.py")),
+    ]
     for path in wire:
         assert not re.search(r"\bpickle\b|torch\.load|allow_pickle|marshal", path.read_text()), path
 
@@ -372,9 +432,11 @@ def test_checkpoints_load_weights_only(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     # What trainer.train saves: plain data, and the three RNG states (numpy's holds an ndarray).
-    state = {"step": 3, "sampler": {"epoch": 1, "lengths_sha256": "ab"},
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                     "torch": torch.get_rng_state()}}
+    state = {
+        "step": 3,
+        "sampler": {"epoch": 1, "lengths_sha256": "ab"},
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+    }
     checkpointer = Checkpointer(CheckpointConfig(dir=str(tmp_path)), rank=0)
     path = checkpointer.save(3, model, optimizer, state, {"config": "x"})
     loaded = checkpointer.load(path, model, optimizer)

@@ -94,8 +94,9 @@ def fingerprint(tiny_models) -> str:
 @pytest.fixture(scope="module")
 def batches() -> dict[str, list[np.ndarray]]:
     """NUM_BATCHES batches of 2 sequences, every sequence a different length (int32 [T])."""
-    return {f"batch-{b}": [random_ids(8 + 7 * b + 3 * s, seed=100 * b + s) for s in range(2)]
-            for b in range(NUM_BATCHES)}
+    return {
+        f"batch-{b}": [random_ids(8 + 7 * b + 3 * s, seed=100 * b + s) for s in range(2)] for b in range(NUM_BATCHES)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +133,16 @@ def assert_batch(got, want) -> None:
 
 
 def make_client(addresses: list[str], fingerprint: str, **overrides) -> TeacherClient:
-    settings = dict(addresses=addresses, top_k=TOP_K, prefetch_batches=3, request_timeout_seconds=60.0,
-                    retry_budget_seconds=60.0, backoff_initial_seconds=0.2, backoff_max_seconds=2.0,
-                    connect_timeout_seconds=60.0)
+    settings = dict(
+        addresses=addresses,
+        top_k=TOP_K,
+        prefetch_batches=3,
+        request_timeout_seconds=60.0,
+        retry_budget_seconds=60.0,
+        backoff_initial_seconds=0.2,
+        backoff_max_seconds=2.0,
+        connect_timeout_seconds=60.0,
+    )
     client = TeacherClient(TeacherClientConfig(**{**settings, **overrides}))
     client.start(VOCAB, fingerprint)
     return client
@@ -277,6 +285,7 @@ def test_a_teacher_dead_from_the_start_is_skipped(teacher_a, fingerprint, batche
 
 def test_teacher_killed_and_restarted_mid_run(teacher_b, fingerprint, batches, expected):
     """SIGKILL after the third step, restart on the same port: every batch once, in order, right."""
+
     def on_step(key):
         if key == "batch-2":
             teacher_b.kill_and_restart()
@@ -326,8 +335,10 @@ class TcpProxy:
         self._transports.append(writer.transport)
         up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
         self._transports.append(up_writer.transport)
-        pipes = [asyncio.ensure_future(self._pipe(reader, up_writer)),
-                 asyncio.ensure_future(self._pipe(up_reader, writer))]
+        pipes = [
+            asyncio.ensure_future(self._pipe(reader, up_writer)),
+            asyncio.ensure_future(self._pipe(up_reader, writer)),
+        ]
         try:
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
         finally:

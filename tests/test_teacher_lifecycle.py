@@ -52,8 +52,14 @@ def _health_statuses_until_serving(address: str, timeout: float, stop_after_not_
 
 
 def test_loading_then_serving_then_drain_on_sigterm(tmp_path_factory, tiny_models, reference):
-    teacher = start_teacher(tmp_path_factory, "drain", tiny_models, "engine.kind=vllm", "server.logprob_dtype=float32",
-                            "server.grace_seconds=600")  # generous: 2 shared cores can be slow
+    teacher = start_teacher(
+        tmp_path_factory,
+        "drain",
+        tiny_models,
+        "engine.kind=vllm",
+        "server.logprob_dtype=float32",
+        "server.grace_seconds=600",
+    )  # generous: 2 shared cores can be slow
     teacher.start()
     try:
         assert _health_statuses_until_serving(teacher.address, timeout=300) == [NOT_SERVING, SERVING]
@@ -79,7 +85,11 @@ def test_sigterm_while_loading_exits_cleanly(tmp_path_factory, tiny_models):
     finally:
         teacher.stop()
     log = teacher.log_path.read_text()
-    assert "stopping while the engine loads" in log and "teacher_service.server: SERVING" not in log and "teacher stopped" in log
+    assert (
+        "stopping while the engine loads" in log
+        and "teacher_service.server: SERVING" not in log
+        and "teacher stopped" in log
+    )
 
 
 async def _drain_while_scoring(teacher, sequences):

@@ -77,7 +77,8 @@ def test_hf_engine_scores_requests_over_its_token_budget_one_by_one(tiny_models,
         engine = await HFEngine.create(config)
         try:
             return await asyncio.wait_for(
-                asyncio.gather(*(engine.score(f"r{i}", ids, 5) for i, ids in enumerate(sequences))), timeout=120)
+                asyncio.gather(*(engine.score(f"r{i}", ids, 5) for i, ids in enumerate(sequences))), timeout=120
+            )
         finally:
             await engine.shutdown()
 
@@ -91,12 +92,15 @@ def test_hf_engine_scores_requests_over_its_token_budget_one_by_one(tiny_models,
 
 def test_concurrent_streams_answer_each_request_id(vllm_teacher, reference):
     """8 streams, 3 requests each of different lengths and K, all in flight at once."""
-    plan = {s: [(random_ids(10 + 37 * s + 11 * r, seed=1000 * s + r), 1 + (s + r) % 20) for r in range(3)]
-            for s in range(8)}
+    plan = {
+        s: [(random_ids(10 + 37 * s + 11 * r, seed=1000 * s + r), 1 + (s + r) % 20) for r in range(3)] for s in range(8)
+    }
 
     async def one_stream(client, s):
-        requests = [pb.ScoreRequest(request_id=f"s{s}-r{r}", token_ids=pack_token_ids(ids), top_k=k)
-                    for r, (ids, k) in enumerate(plan[s])]
+        requests = [
+            pb.ScoreRequest(request_id=f"s{s}-r{r}", token_ids=pack_token_ids(ids), top_k=k)
+            for r, (ids, k) in enumerate(plan[s])
+        ]
         assemblers = {f"s{s}-r{r}": TopKAssembler(len(ids) - 1, k) for r, (ids, k) in enumerate(plan[s])}
         done = {}
         async for chunk in client.stub.Score(iter(requests), timeout=300):
@@ -119,20 +123,29 @@ def _request(rid="bad", ids=(1, 2, 3), top_k=5, raw: bytes | None = None):
 
 
 BAD_REQUESTS = {
-    "id above vocab": (_request(ids=[5, VOCAB, 7]), grpc.StatusCode.INVALID_ARGUMENT,
-                       ["token_ids", "id 151936 at index 1", "[0, 151936)"]),
+    "id above vocab": (
+        _request(ids=[5, VOCAB, 7]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["token_ids", "id 151936 at index 1", "[0, 151936)"],
+    ),
     "negative id": (_request(ids=[5, -1]), grpc.StatusCode.INVALID_ARGUMENT, ["token_ids", "id -1", "[0, 151936)"]),
     "empty sequence": (_request(ids=[]), grpc.StatusCode.INVALID_ARGUMENT, ["token_ids", "0 tokens", "at least 2"]),
     "one token": (_request(ids=[42]), grpc.StatusCode.INVALID_ARGUMENT, ["token_ids", "1 tokens", "at least 2"]),
     "ragged bytes": (_request(raw=b"\x01\x00\x00"), grpc.StatusCode.INVALID_ARGUMENT, ["token_ids", "int32"]),
-    "over max length": (_request(ids=np.ones(8193, np.int32)), grpc.StatusCode.INVALID_ARGUMENT,
-                        ["token_ids", "8193 tokens", "max_model_len 8192"]),
+    "over max length": (
+        _request(ids=np.ones(8193, np.int32)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["token_ids", "8193 tokens", "max_model_len 8192"],
+    ),
     "top_k zero": (_request(top_k=0), grpc.StatusCode.INVALID_ARGUMENT, ["top_k", "0", "[1, 20]"]),
     "top_k above max": (_request(top_k=21), grpc.StatusCode.INVALID_ARGUMENT, ["top_k", "21", "[1, 20]"]),
     "empty request id": (_request(rid=""), grpc.StatusCode.INVALID_ARGUMENT, ["request_id", "1..256"]),
     # Above the transport limit gRPC itself refuses the message, naming both sizes.
-    "oversized message": (_request(ids=np.ones(40000, np.int32)), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          ["larger than max"]),
+    "oversized message": (
+        _request(ids=np.ones(40000, np.int32)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ["larger than max"],
+    ),
 }
 
 
@@ -206,8 +219,10 @@ def test_waiting_requests_start_lowest_priority_first(request, reference, teache
 
     async def run():
         async with TeacherClient(address) as client:
-            requests = [pb.ScoreRequest(request_id=rid, token_ids=pack_token_ids(ids), top_k=3, priority=priority)
-                        for rid, (ids, priority) in plan.items()]
+            requests = [
+                pb.ScoreRequest(request_id=rid, token_ids=pack_token_ids(ids), top_k=3, priority=priority)
+                for rid, (ids, priority) in plan.items()
+            ]
             assemblers = {rid: TopKAssembler(length - 1, 3) for rid in plan}
             order, done = [], {}
             async for chunk in client.stub.Score(iter(requests), timeout=300):
@@ -245,7 +260,9 @@ def _grpcurl(*args: str) -> str:
 def test_grpcurl_reflection_and_health(vllm_teacher):
     services = _grpcurl(vllm_teacher.address, "list").split()
     assert {"hyperdistill.teacher.v1.TeacherService", "grpc.health.v1.Health"} <= set(services)
-    assert '"status": "SERVING"' in _grpcurl("-d", '{"service": ""}', vllm_teacher.address, "grpc.health.v1.Health/Check")
+    assert '"status": "SERVING"' in _grpcurl(
+        "-d", '{"service": ""}', vllm_teacher.address, "grpc.health.v1.Health/Check"
+    )
     described = _grpcurl(vllm_teacher.address, "describe", "hyperdistill.teacher.v1.TeacherService")
     assert "rpc Score ( stream .hyperdistill.teacher.v1.ScoreRequest )" in described
 
@@ -254,9 +271,11 @@ def test_metrics_parse_and_counters_move(vllm_teacher):
     before = scrape_metrics(vllm_teacher.metrics_url)
     _score(vllm_teacher.address, [random_ids(101, seed=9)], 4)
     after = scrape_metrics(vllm_teacher.metrics_url)
-    ok = ("status", "OK"),
+    ok = (("status", "OK"),)
     assert after[("teacher_requests_total", ok)] == before.get(("teacher_requests_total", ok), 0) + 1
     assert after[("teacher_positions_total", ok)] == before.get(("teacher_positions_total", ok), 0) + 100
-    assert after[("teacher_request_latency_seconds_count", ())] > before.get(("teacher_request_latency_seconds_count", ()), 0)
+    assert after[("teacher_request_latency_seconds_count", ())] > before.get(
+        ("teacher_request_latency_seconds_count", ()), 0
+    )
     assert after[("teacher_inflight_positions", ())] == 0
     assert any(name.startswith("vllm:") for name, _ in after), "vLLM's engine metrics are served too"

@@ -173,9 +173,7 @@ def test_chat_template_renders_qwen3_coder_format(tokenizer) -> None:
 
 
 def test_assistant_mask_covers_exactly_the_assistant_spans(tokenizer) -> None:
-    out = tokenizer.apply_chat_template(
-        MESSAGES, tools=TOOLS, return_assistant_tokens_mask=True, return_dict=True
-    )
+    out = tokenizer.apply_chat_template(MESSAGES, tools=TOOLS, return_assistant_tokens_mask=True, return_dict=True)
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert len(ids) == len(mask)
     spans, current = [], []

@@ -43,12 +43,30 @@ def data_cache(tmp_path_factory):
 def trainer_command(run_dir: Path, address: str, tiny_models, data_cache: Path, *overrides: str) -> list[str]:
     return [
         # --shutdown-timeout: how long torchrun lets the ranks checkpoint after SIGTERM before SIGKILL.
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "--shutdown-timeout", "300",
-        "-m", "trainer", "--config", str(TRAINER_CPU_CONFIG),
-        f"student.path={tiny_models.student}", f"teacher.addresses=[{address}]", f"run_dir={run_dir}",
-        f"checkpoint.dir={run_dir / 'checkpoints'}", "checkpoint.every_steps=3", "checkpoint.keep_last=5",
-        "metrics.port=0", "wandb.mode=disabled", "eval.held_out=0", f"data.cache_dir={data_cache}", PHASES,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--shutdown-timeout",
+        "300",
+        "-m",
+        "trainer",
+        "--config",
+        str(TRAINER_CPU_CONFIG),
+        f"student.path={tiny_models.student}",
+        f"teacher.addresses=[{address}]",
+        f"run_dir={run_dir}",
+        f"checkpoint.dir={run_dir / 'checkpoints'}",
+        "checkpoint.every_steps=3",
+        "checkpoint.keep_last=5",
+        "metrics.port=0",
+        "wandb.mode=disabled",
+        "eval.held_out=0",
+        f"data.cache_dir={data_cache}",
+        PHASES,
         *overrides,
     ]
 
@@ -130,8 +148,13 @@ def test_sigterm_checkpoints_then_resume_reproduces_the_run(tmp_path, baseline, 
     """SIGTERM to torchrun (docker stop, preemption): it forwards the signal to the ranks, which
     finish the step they are in, agree to stop, checkpoint and exit; a restart resumes exactly."""
     run_dir = tmp_path / "sigterm"
-    trainer = subprocess.Popen(trainer_command(run_dir, teacher.address, tiny_models, data_cache),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    trainer = subprocess.Popen(
+        trainer_command(run_dir, teacher.address, tiny_models, data_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         deadline = time.monotonic() + 900
         while not ((run_dir / "log.jsonl").exists() and len(losses(run_dir)) >= 1):
@@ -157,8 +180,13 @@ def test_teacher_killed_and_restarted_mid_run(tmp_path_factory, tmp_path, baseli
     teacher = start_teacher(tmp_path_factory, "e2e-restart", tiny_models, *TEACHER_OVERRIDES).start()
     teacher.wait_serving()
     run_dir = tmp_path / "disturbed"
-    trainer = subprocess.Popen(trainer_command(run_dir, teacher.address, tiny_models, data_cache),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    trainer = subprocess.Popen(
+        trainer_command(run_dir, teacher.address, tiny_models, data_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     replacement = None
     try:
         deadline = time.monotonic() + 900
@@ -168,8 +196,9 @@ def test_teacher_killed_and_restarted_mid_run(tmp_path_factory, tmp_path, baseli
         teacher.proc.send_signal(signal.SIGKILL)
         teacher.proc.wait()
         time.sleep(3)  # the trainer now finds nobody at the address
-        replacement = start_teacher(tmp_path_factory, "e2e-restarted", tiny_models, *TEACHER_OVERRIDES,
-                                    port=teacher.port).start()
+        replacement = start_teacher(
+            tmp_path_factory, "e2e-restarted", tiny_models, *TEACHER_OVERRIDES, port=teacher.port
+        ).start()
         output, _ = trainer.communicate(timeout=1200)
         assert trainer.returncode == 0, output[-4000:]
     finally:

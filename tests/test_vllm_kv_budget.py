@@ -23,8 +23,7 @@ resources.get_memory_node_info = lambda node_id=0: resources.MemoryNodeInfo(
 """
 
 
-def test_vllm_teacher_starts_on_a_node_that_reports_little_memory(tmp_path, tmp_path_factory, tiny_models,
-                                                                  monkeypatch):
+def test_vllm_teacher_starts_on_a_node_that_reports_little_memory(tmp_path, tmp_path_factory, tiny_models, monkeypatch):
     (tmp_path / "sitecustomize.py").write_text(SMALL_NODE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     with start_teacher(tmp_path_factory, "kv-bytes", tiny_models, "engine.kind=vllm") as teacher:
@@ -32,4 +31,3 @@ def test_vllm_teacher_starts_on_a_node_that_reports_little_memory(tmp_path, tmp_
     log = teacher.log_path.read_text()
     assert "Explicitly set (0.12/1.0) GiB for KV cache on node 0" in log  # seen by the EngineCore
     assert "vllm KV cache: 134217728 bytes -> 1024 blocks x 128 tokens = 131072 concurrent tokens" in log
-

@@ -107,8 +107,14 @@ class Checkpointer:
         self.rank = rank
         self.last_save_time: float | None = None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             train_state: dict[str, Any], resolved_config: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_state: dict[str, Any],
+        resolved_config: dict[str, Any],
+    ) -> Path:
         """Collective: every rank calls it. Returns the final checkpoint path."""
         root = Path(self.config.dir)
         final = root / f"step_{step:06d}"

@@ -89,8 +89,9 @@ class OptimConfig:
             raise ValueError("optim: need accumulation_steps >= 1, grad_clip > 0, loss in (tail, renorm)")
         unknown = sorted(set(self.lr_scales) - set(PARAMETER_GROUPS))
         if unknown or any(v <= 0 for v in self.lr_scales.values()):
-            raise ValueError(f"optim.lr_scales: groups must be among {PARAMETER_GROUPS} with scales > 0, "
-                             f"got {self.lr_scales}")
+            raise ValueError(
+                f"optim.lr_scales: groups must be among {PARAMETER_GROUPS} with scales > 0, got {self.lr_scales}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -133,8 +134,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.held_out < 0 or self.held_out == 1:
-            raise ValueError(f"eval.held_out must be 0 (off) or >= 2 (the prompt-swap arm gives each example "
-                             f"another one's prompt), got {self.held_out}")
+            raise ValueError(
+                f"eval.held_out must be 0 (off) or >= 2 (the prompt-swap arm gives each example "
+                f"another one's prompt), got {self.held_out}"
+            )
         if self.static_checkpoint and not self.held_out:
             raise ValueError("eval.static_checkpoint needs eval.held_out > 0 (the arms run on the held-out examples)")
         edges = self.position_buckets
@@ -174,5 +177,7 @@ class TrainerConfig:
         if 0 < depth < accumulation:
             # A step trains on a whole window of micro-batches; with fewer batches in flight than
             # a window, the teacher idles while the trainer computes.
-            raise ValueError(f"teacher.prefetch_batches ({depth}) must be >= optim.accumulation_steps "
-                             f"({accumulation}), or 0 to turn prefetch off")
+            raise ValueError(
+                f"teacher.prefetch_batches ({depth}) must be >= optim.accumulation_steps "
+                f"({accumulation}), or 0 to turn prefetch off"
+            )

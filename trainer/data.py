@@ -63,8 +63,17 @@ RENDER_ERROR = "render_error"
 PROMPT_TOO_LONG = "prompt_too_long"
 NO_ASSISTANT_TOKENS = "no_assistant_tokens"
 SKIP_REASONS = (
-    NOT_RESOLVED, MISSING_FIELD, BAD_JSON, BAD_MESSAGE, BAD_ARGUMENTS, UNKNOWN_ROLE,
-    EMPTY_TRAJECTORY, NO_USER_MESSAGE, RENDER_ERROR, PROMPT_TOO_LONG, NO_ASSISTANT_TOKENS,
+    NOT_RESOLVED,
+    MISSING_FIELD,
+    BAD_JSON,
+    BAD_MESSAGE,
+    BAD_ARGUMENTS,
+    UNKNOWN_ROLE,
+    EMPTY_TRAJECTORY,
+    NO_USER_MESSAGE,
+    RENDER_ERROR,
+    PROMPT_TOO_LONG,
+    NO_ASSISTANT_TOKENS,
 )
 
 STORED_FEATURES = {
@@ -169,26 +178,30 @@ class PrepareSummary:
 
     def format(self) -> str:
         """A human-readable report (the CLI prints it)."""
-        skipped = [f"    {reason:<20}{count:>7,}  e.g. {', '.join(self.skipped_examples[reason])}"
-                   for reason, count in self.skipped.items()]
+        skipped = [
+            f"    {reason:<20}{count:>7,}  e.g. {', '.join(self.skipped_examples[reason])}"
+            for reason, count in self.skipped.items()
+        ]
         share = f"{100 * self.assistant_share:.1f}%"
 
         def pct(name: str, values: dict[str, int]) -> str:
             return f"  {name:<14}" + "  ".join(f"{k} {v:>7,}" for k, v in values.items())
 
-        return "\n".join([
-            f"prepared {self.kept:,} of {self.rows:,} rows from {self.source} "
-            f"(split {self.split}, subset {self.subset}, max_length {self.max_length:,})",
-            f"  skipped       {sum(self.skipped.values()):,}",
-            *skipped,
-            f"  truncated     {self.truncated:,}",
-            f"  tokens        {self.tokens:,} stored, {self.assistant_tokens:,} assistant ({share})",
-            pct("length", self.length),
-            pct("full length", self.full_length),
-            pct("prompt length", self.prompt_length),
-            f"  throughput    {self.tokens_per_second:,.0f} tokens/s "
-            f"(render {self.render_seconds:.1f} s, total {self.total_seconds:.1f} s)",
-        ])
+        return "\n".join(
+            [
+                f"prepared {self.kept:,} of {self.rows:,} rows from {self.source} "
+                f"(split {self.split}, subset {self.subset}, max_length {self.max_length:,})",
+                f"  skipped       {sum(self.skipped.values()):,}",
+                *skipped,
+                f"  truncated     {self.truncated:,}",
+                f"  tokens        {self.tokens:,} stored, {self.assistant_tokens:,} assistant ({share})",
+                pct("length", self.length),
+                pct("full length", self.full_length),
+                pct("prompt length", self.prompt_length),
+                f"  throughput    {self.tokens_per_second:,.0f} tokens/s "
+                f"(render {self.render_seconds:.1f} s, total {self.total_seconds:.1f} s)",
+            ]
+        )
 
 
 def load_source(config: DataConfig) -> datasets.Dataset:
@@ -390,8 +403,15 @@ def _render_row(
         example = render_trajectory(messages, tools, tokenizer, max_length)
     except BadRow as bad:
         log.debug("skipping %s: %s", trajectory_id, bad)
-        empty = {"input_ids": [], "loss_mask": [], "prompt_ids": [], "length": 0, "full_length": 0,
-                 "num_loss_tokens": 0, "prompt_length": 0}
+        empty = {
+            "input_ids": [],
+            "loss_mask": [],
+            "prompt_ids": [],
+            "length": 0,
+            "full_length": 0,
+            "num_loss_tokens": 0,
+            "prompt_length": 0,
+        }
         return {"trajectory_id": str(trajectory_id or ""), **empty, "skip_reason": bad.reason}
     return {"trajectory_id": trajectory_id, **example, "skip_reason": ""}
 
@@ -445,8 +465,12 @@ def prepare(config: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: str
         render_start = time.monotonic()
         rendered = _render(raw, config, tokenizer, work / "cache")
         render_seconds = time.monotonic() - render_start
-        kept = rendered.filter(lambda reasons: [r == "" for r in reasons], input_columns="skip_reason",
-                               batched=True, desc="drop skipped rows")
+        kept = rendered.filter(
+            lambda reasons: [r == "" for r in reasons],
+            input_columns="skip_reason",
+            batched=True,
+            desc="drop skipped rows",
+        )
         kept.remove_columns(list(_STATS_FEATURES)).save_to_disk(str(work / "dataset"))
         summary = _summarize(config, rendered, kept, render_seconds, time.monotonic() - start)
         (work / "dataset" / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
@@ -478,21 +502,32 @@ def _render(
     )
 
 
-def _summarize(config: DataConfig, rendered: datasets.Dataset, kept: datasets.Dataset,
-               render_seconds: float, total_seconds: float) -> PrepareSummary:
+def _summarize(
+    config: DataConfig, rendered: datasets.Dataset, kept: datasets.Dataset, render_seconds: float, total_seconds: float
+) -> PrepareSummary:
     skipped, examples = _skipped_rows(rendered)
     stats = kept.select_columns(["length", *_STATS_FEATURES]).with_format("numpy")[:]
     length, full_length, prompt_length = stats["length"], stats["full_length"], stats["prompt_length"]
     tokens, assistant = int(length.sum()), int(stats["num_loss_tokens"].sum())
     rendered_tokens = int(full_length.sum())
     return PrepareSummary(
-        source=config.source, split=config.split, subset=config.subset, max_length=config.max_length,
-        rows=len(rendered), kept=len(kept), skipped=skipped, skipped_examples=examples,
+        source=config.source,
+        split=config.split,
+        subset=config.subset,
+        max_length=config.max_length,
+        rows=len(rendered),
+        kept=len(kept),
+        skipped=skipped,
+        skipped_examples=examples,
         truncated=int((full_length > length).sum()),
-        length=percentiles(length), full_length=percentiles(full_length),
+        length=percentiles(length),
+        full_length=percentiles(full_length),
         prompt_length=percentiles(prompt_length),
-        tokens=tokens, assistant_tokens=assistant, assistant_share=assistant / tokens if tokens else 0.0,
-        render_seconds=round(render_seconds, 3), total_seconds=round(total_seconds, 3),
+        tokens=tokens,
+        assistant_tokens=assistant,
+        assistant_share=assistant / tokens if tokens else 0.0,
+        render_seconds=round(render_seconds, 3),
+        total_seconds=round(total_seconds, 3),
         tokens_per_second=round(rendered_tokens / render_seconds, 1) if render_seconds > 0 else 0.0,
     )
 
@@ -563,12 +598,12 @@ def build(
 ) -> tuple[datasets.Dataset, LengthBucketSampler]:
     """The prepared examples (prepared first if missing) and this rank's batch sampler."""
     dataset = load_prepared(config, tokenizer)
-    sampler = LengthBucketSampler(dataset["length"], token_budget=config.token_budget, seed=config.seed,
-                                  rank=rank, world_size=world_size)
+    sampler = LengthBucketSampler(
+        dataset["length"], token_budget=config.token_budget, seed=config.seed, rank=rank, world_size=world_size
+    )
     return dataset, sampler
 
 
 def load_summary(path: str | Path) -> PrepareSummary:
     """The summary saved beside a prepared dataset."""
     return PrepareSummary(**json.loads((Path(path) / SUMMARY_FILE).read_text()))
-

@@ -30,8 +30,10 @@ class PhaseData:
         """Optimizer steps in this phase: ``epochs`` passes, capped by ``max_steps``."""
         steps = phase.epochs * len(self.sampler) // accumulation
         if steps == 0:
-            raise ValueError(f"phase {phase.name!r}: {len(self.sampler)} micro-batches per epoch per rank "
-                             f"x {phase.epochs} epochs is less than one step of {accumulation} micro-batches")
+            raise ValueError(
+                f"phase {phase.name!r}: {len(self.sampler)} micro-batches per epoch per rank "
+                f"x {phase.epochs} epochs is less than one step of {accumulation} micro-batches"
+            )
         return min(steps, phase.max_steps) if phase.max_steps else steps
 
     def batches(self, micro_batches: int) -> Iterator[tuple[Batch, dict]]:
@@ -60,8 +62,9 @@ class PhaseData:
 def load_phase_data(config: TrainerConfig, phase: PhaseConfig, tokenizer, dist: DistInfo) -> PhaseData:
     """Prepare (once, under a file lock) and load this phase's examples; split off the held-out set."""
     max_length = phase.max_length or config.data.max_length
-    data_config = dataclasses.replace(config.data, max_length=max_length,
-                                      token_budget=phase.token_budget or config.data.token_budget)
+    data_config = dataclasses.replace(
+        config.data, max_length=max_length, token_budget=phase.token_budget or config.data.token_budget
+    )
     dataset = load_prepared(data_config, tokenizer)
     held = config.eval.held_out
     if held >= len(dataset):
@@ -70,7 +73,12 @@ def load_phase_data(config: TrainerConfig, phase: PhaseConfig, tokenizer, dist: 
     held_out = dataset.select(list(range(len(dataset) - held, len(dataset))))  # a list: empty ranges fail
     if phase.max_samples:
         train = train.select(range(min(phase.max_samples, len(train))))
-    sampler = LengthBucketSampler(train["length"], token_budget=data_config.token_budget, seed=data_config.seed,
-                                  rank=dist.rank, world_size=dist.world_size)
+    sampler = LengthBucketSampler(
+        train["length"],
+        token_budget=data_config.token_budget,
+        seed=data_config.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
     logger.info("phase %r: %d training examples, %d held out, max_length %d", phase.name, len(train), held, max_length)
     return PhaseData(train, held_out, sampler, tokenizer.pad_token_id, max_length, dist)

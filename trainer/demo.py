@@ -48,10 +48,22 @@ def main() -> None:
     with TeacherProcess(args.teacher_config, log_path=run_dir / "teacher.log", env=threads) as teacher:
         logger.info("teacher SERVING at %s (log %s)", teacher.address, run_dir / "teacher.log")
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-            "--master_port", str(free_port()), "-m", "trainer", "--config", args.trainer_config,
-            f"teacher.addresses=[{teacher.address}]", f"run_dir={run_dir}",
-            f"checkpoint.dir={run_dir / 'checkpoints'}", f"metrics.port={free_port()}", *args.overrides,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(args.nproc),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "trainer",
+            "--config",
+            args.trainer_config,
+            f"teacher.addresses=[{teacher.address}]",
+            f"run_dir={run_dir}",
+            f"checkpoint.dir={run_dir / 'checkpoints'}",
+            f"metrics.port={free_port()}",
+            *args.overrides,
         ]
         logger.info("training: %s", " ".join(command))
         code = subprocess.call(command)

@@ -108,8 +108,13 @@ class EvalReport:
         """Flat numbers for wandb: ``held_out_kl``, ``eval/<arm>/<metric>``, ``eval/<arm>/kl_by_position/<bucket>``."""
         flat = {"held_out_kl": self.arms["generated"].kl}
         for arm, m in self.arms.items():
-            values = {"kl": m.kl, "top1_agreement": m.top1_agreement, "teacher_nll": m.teacher_nll,
-                      "gap_closed": m.gap_closed, **{f"kl_by_position/{b}": v for b, v in m.kl_by_position.items()}}
+            values = {
+                "kl": m.kl,
+                "top1_agreement": m.top1_agreement,
+                "teacher_nll": m.teacher_nll,
+                "gap_closed": m.gap_closed,
+                **{f"kl_by_position/{b}": v for b, v in m.kl_by_position.items()},
+            }
             flat.update({f"eval/{arm}/{name}": v for name, v in values.items() if v is not None})
         return flat
 
@@ -140,9 +145,15 @@ def held_out_items(data: PhaseData, seed: int) -> Iterator[HeldOut]:
 
 # ---- the arms ------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_arms(student: nn.Module, adapters: Mapping[str, nn.Module],
-                  items: Iterable[tuple[HeldOut, Sequence[TopK]]], *, optim: OptimConfig, edges: Sequence[int],
-                  device: torch.device) -> EvalReport:
+def evaluate_arms(
+    student: nn.Module,
+    adapters: Mapping[str, nn.Module],
+    items: Iterable[tuple[HeldOut, Sequence[TopK]]],
+    *,
+    optim: OptimConfig,
+    edges: Sequence[int],
+    device: torch.device,
+) -> EvalReport:
     """Every arm over ``items`` = (held-out batch, the teacher's ``TopK`` per row); collective.
 
     adapters: ``generated`` (the hypernetwork, also read by the ``prompt_swap`` arm) and optionally
@@ -162,7 +173,7 @@ def evaluate_arms(student: nn.Module, adapters: Mapping[str, nn.Module],
         examples += item.weight * item.batch.input_ids.shape[0]
     totals = all_reduce_sum([examples, *torch.cat([sums[arm] for arm in arms])], device)
     width = _SUMS + 2 * len(edges)
-    per_arm = {arm: totals[1 + i * width: 1 + (i + 1) * width] for i, arm in enumerate(arms)}
+    per_arm = {arm: totals[1 + i * width : 1 + (i + 1) * width] for i, arm in enumerate(arms)}
     return _report(int(totals[0]), per_arm, bucket_labels(edges))
 
 
@@ -174,9 +185,16 @@ def _arm_lora(arm: str, adapters: Mapping[str, nn.Module], item: HeldOut, device
     return adapter(prompts.prompt_ids.to(device), prompts.prompt_mask.to(device))
 
 
-def _score(student: nn.Module, lora: GeneratedLoRA | None, batch: Batch, teacher_ids: torch.Tensor,
-           teacher_logprobs: torch.Tensor, mask: torch.Tensor, optim: OptimConfig,
-           bounds: torch.Tensor) -> torch.Tensor:
+def _score(
+    student: nn.Module,
+    lora: GeneratedLoRA | None,
+    batch: Batch,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    optim: OptimConfig,
+    bounds: torch.Tensor,
+) -> torch.Tensor:
     """One batch, one arm: float64 [3 + 2 * buckets] = summed KL, top-1 agreements, teacher NLL,
     then the summed KL and the token count of each position bucket.
 
@@ -186,12 +204,14 @@ def _score(student: nn.Module, lora: GeneratedLoRA | None, batch: Batch, teacher
     input_ids = batch.input_ids.to(mask.device)
     active = hyper_lora(student, lora, seq_len=input_ids.shape[1]) if lora is not None else contextlib.nullcontext()
     with active:
-        hidden = student.model(input_ids=input_ids, attention_mask=batch.attention_mask.to(mask.device),
-                               use_cache=False).last_hidden_state
+        hidden = student.model(
+            input_ids=input_ids, attention_mask=batch.attention_mask.to(mask.device), use_cache=False
+        ).last_hidden_state
     h, ids, logprobs = hidden[:, :-1][mask], teacher_ids[mask], teacher_logprobs[mask]  # [M, H], [M, K], [M, K]
     head, chunk = student.get_output_embeddings(), optim.logits_chunk_positions
-    kl = topk_kl_per_position(h, head, ids, logprobs, temperature=optim.temperature, mode=optim.loss,
-                              chunk_size=chunk).double()
+    kl = topk_kl_per_position(
+        h, head, ids, logprobs, temperature=optim.temperature, mode=optim.loss, chunk_size=chunk
+    ).double()
     top1 = ids.gather(1, logprobs.argmax(1, keepdim=True))[:, 0]
     agree, nll = _top1_stats(h, head.weight, top1, chunk)
     # Position t scores token t + 1: the target's position in its sequence.
@@ -202,8 +222,9 @@ def _score(student: nn.Module, lora: GeneratedLoRA | None, batch: Batch, teacher
     return torch.cat([torch.stack([kl.sum(), agree.sum(), nll.sum()]), by_kl, by_count])
 
 
-def _top1_stats(h: torch.Tensor, weight: torch.Tensor, top1: torch.Tensor,
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top1_stats(
+    h: torch.Tensor, weight: torch.Tensor, top1: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """h [M, H], the LM head's weight [V, H], the teacher's top-1 ids int64 [M] -> per position,
     float64 [M]: 1 where the student's argmax is top-1, and -log q(top-1). ``[chunk, V]`` at a time."""
     agree, nll = [], []
@@ -221,29 +242,47 @@ def bucket_labels(edges: Sequence[int]) -> list[str]:
 
 def _report(examples: int, per_arm: dict[str, list[float]], labels: list[str]) -> EvalReport:
     """Means from the all-reduced sums of `_score`."""
-    counts = per_arm["none"][_SUMS + len(labels):]
+    counts = per_arm["none"][_SUMS + len(labels) :]
     tokens = sum(counts)
     kl_none = per_arm["none"][0] / max(tokens, 1.0)
     arms = {}
     for arm, sums in per_arm.items():
         kl, top1, nll = (value / max(tokens, 1.0) for value in sums[:_SUMS])
         by_position = {label: sums[_SUMS + i] / counts[i] if counts[i] else None for i, label in enumerate(labels)}
-        arms[arm] = ArmMetrics(kl=kl, top1_agreement=top1, teacher_nll=nll,
-                               gap_closed=1 - kl / kl_none if kl_none > 0 else None, kl_by_position=by_position)
+        arms[arm] = ArmMetrics(
+            kl=kl,
+            top1_agreement=top1,
+            teacher_nll=nll,
+            gap_closed=1 - kl / kl_none if kl_none > 0 else None,
+            kl_by_position=by_position,
+        )
     return EvalReport(examples, int(tokens), {label: int(c) for label, c in zip(labels, counts)}, arms)
 
 
-def evaluate_held_out(config: TrainerConfig, data: PhaseData, student: nn.Module, adapters: Mapping[str, nn.Module],
-                      teacher: TeacherClient, device: torch.device) -> EvalReport:
+def evaluate_held_out(
+    config: TrainerConfig,
+    data: PhaseData,
+    student: nn.Module,
+    adapters: Mapping[str, nn.Module],
+    teacher: TeacherClient,
+    device: torch.device,
+) -> EvalReport:
     """Every arm over ``data``'s held-out examples, their top-K prefetched from ``teacher``; collective."""
     stream = teacher.prefetch(held_out_items(data, config.seed), lambda item: batch_sequences(item.batch))
-    return evaluate_arms(student, adapters, ((item, topk) for item, topk, _ in stream), optim=config.optim,
-                         edges=config.eval.position_buckets, device=device)
+    return evaluate_arms(
+        student,
+        adapters,
+        ((item, topk) for item, topk, _ in stream),
+        optim=config.optim,
+        edges=config.eval.position_buckets,
+        device=device,
+    )
 
 
 # ---- adapters from checkpoints -------------------------------------------------------------------
-def eval_adapters(config: TrainerConfig, student: nn.Module, hyper: nn.Module,
-                  device: torch.device) -> dict[str, nn.Module]:
+def eval_adapters(
+    config: TrainerConfig, student: nn.Module, hyper: nn.Module, device: torch.device
+) -> dict[str, nn.Module]:
     """The arms' adapters: the run's hypernetwork, and the static run's of ``eval.static_checkpoint``."""
     adapters = {"generated": hyper}
     if config.eval.static_checkpoint:
@@ -258,8 +297,10 @@ def stored_hypernetwork(path: Path, config: TrainerConfig) -> HyperLoRA.Config:
     raw = json.loads((path / "config.json").read_text())["hypernetwork"]
     stored = config_from_dict(type(config.hypernetwork), raw, prefix="hypernetwork.")
     if sorted(stored.targets) != sorted(config.hypernetwork.targets):
-        raise ValueError(f"checkpoint {path} adapts hypernetwork.targets {stored.targets}, this run "
-                         f"{config.hypernetwork.targets}: the arms must adapt the same modules")
+        raise ValueError(
+            f"checkpoint {path} adapts hypernetwork.targets {stored.targets}, this run "
+            f"{config.hypernetwork.targets}: the arms must adapt the same modules"
+        )
     return stored
 
 
@@ -303,8 +344,13 @@ def markdown_table(report: EvalReport, step: int) -> str:
         "|---|" + "---:|" * (4 + len(buckets)),
     ]
     for arm, m in report.arms.items():
-        cells = [f"{m.kl:.4f}", _fmt(m.gap_closed, "{:.1%}"), f"{m.top1_agreement:.1%}", f"{m.teacher_nll:.4f}",
-                 *(_fmt(m.kl_by_position[b], "{:.4f}") for b in buckets)]
+        cells = [
+            f"{m.kl:.4f}",
+            _fmt(m.gap_closed, "{:.1%}"),
+            f"{m.top1_agreement:.1%}",
+            f"{m.teacher_nll:.4f}",
+            *(_fmt(m.kl_by_position[b], "{:.4f}") for b in buckets),
+        ]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -329,8 +375,9 @@ def plot(out_dir: Path) -> Path:
         buckets = [(label, kl) for label, kl in latest["arms"][arm]["kl_by_position"].items() if kl is not None]
         by_position.plot(*zip(*buckets), marker="o", label=arm)
     over_steps.set(xlabel="optimizer step", ylabel="held-out top-K KL per assistant token (nats)", title="KL by arm")
-    by_position.set(xlabel="position of the target token", ylabel="KL (nats)",
-                    title=f"KL by position at step {latest['step']}")
+    by_position.set(
+        xlabel="position of the target token", ylabel="KL (nats)", title=f"KL by position at step {latest['step']}"
+    )
     for ax in (over_steps, by_position):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -380,13 +427,19 @@ def evaluate_checkpoint(config: TrainerConfig, path: Path, state: dict, out_dir:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the held-out examples: no LoRA, "
-                                                 "generated LoRA, prompt-swapped LoRA and a static LoRA.")
+    parser = argparse.ArgumentParser(
+        description="Evaluate a checkpoint on the held-out examples: no LoRA, "
+        "generated LoRA, prompt-swapped LoRA and a static LoRA."
+    )
     parser.add_argument("--config", required=True, help="the run's YAML config (student, data, teacher, eval)")
-    parser.add_argument("--checkpoint", required=True, help="a step_* checkpoint directory, or a directory of "
-                                                            "them (the latest is used)")
-    parser.add_argument("--static-checkpoint", default=None, help="a static-LoRA run's checkpoint for the static "
-                                                                  "arm (default: eval.static_checkpoint)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a step_* checkpoint directory, or a directory of them (the latest is used)"
+    )
+    parser.add_argument(
+        "--static-checkpoint",
+        default=None,
+        help="a static-LoRA run's checkpoint for the static arm (default: eval.static_checkpoint)",
+    )
     parser.add_argument("--out", default=None, help="output directory (default: <run_dir>/eval)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. teacher.addresses=[host:50051]")
     args = parser.parse_args()

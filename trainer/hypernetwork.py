@@ -196,8 +196,9 @@ class LoRABank(nn.Module):
         weights = {}
         for kind in self.kinds:
             b = self.B[_key(kind)].expand(batch, -1, -1, -1)
-            weights.update({t.name: LoRAWeights(a_by_kind[kind][:, j], b[:, j], kind)
-                            for j, t in enumerate(self.group(kind))})
+            weights.update(
+                {t.name: LoRAWeights(a_by_kind[kind][:, j], b[:, j], kind) for j, t in enumerate(self.group(kind))}
+            )
         return GeneratedLoRA(weights=weights, scale=scale)
 
 
@@ -271,8 +272,7 @@ class LoRAGenerator(nn.Module):
         self.out_scale = dim**-0.5
         order = [t for kind in self.kinds for t in self.targets if t.kind == kind]  # grouped by kind
         self.register_buffer("target_layers", torch.tensor([t.layer for t in order]), persistent=False)
-        self.register_buffer("target_kinds", torch.tensor([self.kinds.index(t.kind) for t in order]),
-                             persistent=False)
+        self.register_buffer("target_kinds", torch.tensor([self.kinds.index(t.kind) for t in order]), persistent=False)
 
     def forward(self, context: torch.Tensor) -> dict[str, torch.Tensor]:
         """context: float [B, E] -> gates float32 [B, L, r] per module type (its layers in order;
@@ -330,8 +330,15 @@ class HyperLoRA(nn.Module):
                 raise ValueError(f"hypernetwork.kind must be one of {KINDS}, got {self.kind!r}")
             if not self.targets or len(set(self.targets)) != len(self.targets):
                 raise ValueError(f"hypernetwork.targets must be non-empty and unique, got {self.targets}")
-            for name in ("rank", "max_prompt_tokens", "encoder_dim", "encoder_layers", "encoder_heads",
-                         "trunk_dim", "trunk_layers"):
+            for name in (
+                "rank",
+                "max_prompt_tokens",
+                "encoder_dim",
+                "encoder_layers",
+                "encoder_heads",
+                "trunk_dim",
+                "trunk_layers",
+            ):
                 if getattr(self, name) < 1:
                     raise ValueError(f"hypernetwork.{name} must be >= 1, got {getattr(self, name)}")
             if self.experts < 1 or self.rank % self.experts:
@@ -398,7 +405,9 @@ def build_hyper_lora(config: HyperLoRA.Config, student: nn.Module) -> Adapter:
     adapter = build_adapter(config, targets, student.get_input_embeddings())
     log.info(
         "%s: %d targets over %d module types, %.2fM trainable parameters, %.2fM LoRA numbers per prompt",
-        type(adapter).__name__, len(targets), len(adapter.bank.kinds),
+        type(adapter).__name__,
+        len(targets),
+        len(adapter.bank.kinds),
         sum(p.numel() for p in adapter.parameters()) / 1e6,
         sum(config.rank * (t.in_features + t.out_features) for t in targets) / 1e6,
     )

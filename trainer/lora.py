@@ -27,6 +27,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, eq=False)
 class LoRAWeights:
     """Generated LoRA factors of one target module for a batch of prompts.

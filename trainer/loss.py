@@ -75,8 +75,13 @@ def topk_kl_loss(
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         total = _ChunkedTopKKL.apply(h, weight, ids, lp, temperature, mode, chunk_size)
     else:
-        total = sum((_chunk_kl(h[part], weight, ids[part], lp[part], temperature, mode)
-                     for part in _chunks(h.shape[0], chunk_size)), h.new_zeros((), dtype=torch.float32))
+        total = sum(
+            (
+                _chunk_kl(h[part], weight, ids[part], lp[part], temperature, mode)
+                for part in _chunks(h.shape[0], chunk_size)
+            ),
+            h.new_zeros((), dtype=torch.float32),
+        )
     return total / num_tokens
 
 
@@ -97,8 +102,15 @@ def topk_kl_per_position(
     teacher_logprobs: float [M, K]. Returns float32 [M]. Logits are computed ``chunk_size``
     positions at a time, as in `topk_kl_loss`.
     """
-    _check_args(hidden[None], teacher_ids[None], teacher_logprobs[None], hidden.new_ones(1, hidden.shape[0]),
-                temperature, mode, chunk_size)
+    _check_args(
+        hidden[None],
+        teacher_ids[None],
+        teacher_logprobs[None],
+        hidden.new_ones(1, hidden.shape[0]),
+        temperature,
+        mode,
+        chunk_size,
+    )
     weight = _head_weight(lm_head)
     lp = teacher_logprobs.float().clamp_min(_LOG_TINY)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -117,8 +129,16 @@ class _ChunkedTopKKL(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for part in _chunks(h.shape[0], chunk_size):
-            total += _chunk_kl(h[part], weight, ids[part], lp[part], temperature, mode,
-                               None if grad_h is None else grad_h[part], grad_w)
+            total += _chunk_kl(
+                h[part],
+                weight,
+                ids[part],
+                lp[part],
+                temperature,
+                mode,
+                None if grad_h is None else grad_h[part],
+                grad_w,
+            )
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return total
@@ -200,8 +220,9 @@ def _head_weight(lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
         return lm_head
     weight, bias = getattr(lm_head, "weight", None), getattr(lm_head, "bias", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or bias is not None:
-        raise ValueError(f"topk_kl_loss: lm_head must be a bias-free linear layer or its [V, H] weight, "
-                         f"got {type(lm_head).__name__}")
+        raise ValueError(
+            f"topk_kl_loss: lm_head must be a bias-free linear layer or its [V, H] weight, got {type(lm_head).__name__}"
+        )
     return weight
 
 

@@ -125,8 +125,10 @@ def load_sharded_weights(student: nn.Module, path: Path) -> None:
             if not _read_rows(files, name, local, start, end):
                 missing.append(name)
     if missing:
-        raise KeyError(f"the checkpoint in {path} has no tensors for {len(missing)} student parameters: "
-                       f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise KeyError(
+            f"the checkpoint in {path} has no tensors for {len(missing)} student parameters: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     logger.info("student weights loaded from %s (%d files, local shards only)", path, len(set(files.values())))
 
 
@@ -184,8 +186,10 @@ def _slice(file: Path, name: str, start: int | None = None, end: int | None = No
 
 def _copy(local: torch.Tensor, source: torch.Tensor, name: str) -> None:
     if tuple(local.shape) != tuple(source.shape):
-        raise ValueError(f"checkpoint tensor {name} of shape {list(source.shape)} does not fit the student's "
-                         f"{list(local.shape)}: the checkpoint and the student's config.json disagree")
+        raise ValueError(
+            f"checkpoint tensor {name} of shape {list(source.shape)} does not fit the student's "
+            f"{list(local.shape)}: the checkpoint and the student's config.json disagree"
+        )
     local.copy_(source.to(local.dtype))
 
 
@@ -203,8 +207,10 @@ def fast_kernels() -> dict[str, bool]:
     (the expensive part: transformers' fallback is a Python loop over 64-token chunks) and
     causal-conv1d (the fallback is a depthwise `F.conv1d`, cheap next to it)."""
     found = {}
-    for package, module, attr in (("flash-linear-attention", "fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
-                                  ("causal-conv1d", "causal_conv1d", "causal_conv1d_fn")):
+    for package, module, attr in (
+        ("flash-linear-attention", "fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+        ("causal-conv1d", "causal_conv1d", "causal_conv1d_fn"),
+    ):
         try:
             found[package] = hasattr(importlib.import_module(module), attr)
         except Exception:  # a broken install counts as absent, whatever it raises
@@ -226,10 +232,12 @@ def check_fast_kernels(config, device: torch.device, *, required: bool) -> None:
         _check_hopper_triton(device)
         logger.info("DeltaNet kernels: %s", found)
         return
-    message = ("flash-linear-attention is not installed (or does not import): the DeltaNet layers would run "
-               "transformers' PyTorch fallback, an order of magnitude slower; install it "
-               "(`pip install flash-linear-attention`, as deploy/trainer.Dockerfile does) or set "
-               "student.require_fast_kernels=false to run anyway")
+    message = (
+        "flash-linear-attention is not installed (or does not import): the DeltaNet layers would run "
+        "transformers' PyTorch fallback, an order of magnitude slower; install it "
+        "(`pip install flash-linear-attention`, as deploy/trainer.Dockerfile does) or set "
+        "student.require_fast_kernels=false to run anyway"
+    )
     if required:
         raise RuntimeError(message)
     logger.warning(message)
@@ -246,6 +254,8 @@ def _check_hopper_triton(device: torch.device) -> None:
     if torch.cuda.get_device_capability(device)[0] != 9 or not Version("3.4") <= triton_version < Version("3.7.1"):
         return
     if importlib.util.find_spec("tilelang") is None:
-        raise RuntimeError(f"Triton {triton.__version__} on a Hopper GPU: flash-linear-attention's gated delta rule "
-                           "backward is wrong there and refuses to run (fla #640); install Triton >= 3.7.1 or "
-                           "tilelang (`pip install tilelang`)")
+        raise RuntimeError(
+            f"Triton {triton.__version__} on a Hopper GPU: flash-linear-attention's gated delta rule "
+            "backward is wrong there and refuses to run (fla #640); install Triton >= 3.7.1 or "
+            "tilelang (`pip install tilelang`)"
+        )

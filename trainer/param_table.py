@@ -55,21 +55,43 @@ def table_rows(config: HyperLoRA.Config, hyper: HyperLoRA) -> list[tuple]:
         layers = hyper.bank.group(kind)
         i, o = layers[0].in_features, layers[0].out_features
         lora = r * (i + o) * len(layers)
-        rows.append((kind, len(layers), f"{i} -> {o}", f"[{r}, {i}]", f"[{o}, {r}]", lora, lora,
-                     config.experts * len(layers), _count(groups[f"head:{kind}"])))
-    rows.append(("total", sum(row[1] for row in rows), "", "", "",
-                 *(sum(row[j] for row in rows) for j in (5, 6, 7, 8))))
+        rows.append(
+            (
+                kind,
+                len(layers),
+                f"{i} -> {o}",
+                f"[{r}, {i}]",
+                f"[{o}, {r}]",
+                lora,
+                lora,
+                config.experts * len(layers),
+                _count(groups[f"head:{kind}"]),
+            )
+        )
+    rows.append(
+        ("total", sum(row[1] for row in rows), "", "", "", *(sum(row[j] for row in rows) for j in (5, 6, 7, 8)))
+    )
     return rows
 
 
 def format_table(rows: list[tuple]) -> list[str]:
     """Aligned text lines: header, rule, the module types, rule, the total row."""
-    header = ("target", "layers", "in -> out", "A [r, in]", "B [out, r]", "LoRA/prompt", "bank params",
-              "gates/prompt", "head params")
+    header = (
+        "target",
+        "layers",
+        "in -> out",
+        "A [r, in]",
+        "B [out, r]",
+        "LoRA/prompt",
+        "bank params",
+        "gates/prompt",
+        "head params",
+    )
     cells = [header] + [tuple(f"{c:,}" if isinstance(c, int) else c for c in row) for row in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if j < 5 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) if j < 5 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells
+    ]
     rule = "  ".join("-" * w for w in widths)
     return [lines[0], rule, *lines[1:-1], rule, lines[-1]]
 
@@ -80,21 +102,23 @@ def render(config: HyperLoRA.Config, student: torch.nn.Module, hyper: HyperLoRA)
     per_prompt, groups = rows[-1][5], hyper.parameter_groups()
     heads = sum(_count(params) for name, params in groups.items() if name.startswith("head:"))
     cfg = student.config
-    return "\n".join([
-        f"HyperLoRA for Qwen3-Coder-Next (Qwen3NextConfig on meta: {cfg.num_hidden_layers} layers, hidden "
-        f"{cfg.hidden_size}, {_count(student.parameters()) / 1e9:.2f}B student params, frozen)",
-        f"rank {config.rank}, scale {config.scale:g}{' (rsLoRA)' if config.rslora else ''}, encoder "
-        f"{config.encoder_layers}x{config.encoder_dim}, trunk {config.trunk_layers}x{config.trunk_dim}, "
-        f"prompt cap {config.max_prompt_tokens} tokens",
-        "",
-        *format_table(rows),
-        "",
-        f"per prompt: A_b = diag(g_b) A, B_b = B, with the bank's A, B and {config.experts} generated expert gates g_b "
-        f"per target (summing to {config.experts}, each over r / {config.experts} rank directions)",
-        f"LoRA per prompt: {per_prompt:,} numbers = {per_prompt * 4 / 2**20:.1f} MiB in float32",
-        f"trainable: encoder {_count(groups['encoder']):,} + trunk {_count(groups['trunk']):,} + heads "
-        f"{heads:,} + bank {_count(groups['bank']):,} = {_count(hyper.parameters()):,}",
-    ])
+    return "\n".join(
+        [
+            f"HyperLoRA for Qwen3-Coder-Next (Qwen3NextConfig on meta: {cfg.num_hidden_layers} layers, hidden "
+            f"{cfg.hidden_size}, {_count(student.parameters()) / 1e9:.2f}B student params, frozen)",
+            f"rank {config.rank}, scale {config.scale:g}{' (rsLoRA)' if config.rslora else ''}, encoder "
+            f"{config.encoder_layers}x{config.encoder_dim}, trunk {config.trunk_layers}x{config.trunk_dim}, "
+            f"prompt cap {config.max_prompt_tokens} tokens",
+            "",
+            *format_table(rows),
+            "",
+            f"per prompt: A_b = diag(g_b) A, B_b = B, with the bank's A, B and {config.experts} generated expert gates g_b "
+            f"per target (summing to {config.experts}, each over r / {config.experts} rank directions)",
+            f"LoRA per prompt: {per_prompt:,} numbers = {per_prompt * 4 / 2**20:.1f} MiB in float32",
+            f"trainable: encoder {_count(groups['encoder']):,} + trunk {_count(groups['trunk']):,} + heads "
+            f"{heads:,} + bank {_count(groups['bank']):,} = {_count(hyper.parameters()):,}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -122,12 +122,19 @@ def student_shape(config_kwargs: dict) -> StudentShape:
     experts = sum(_numel(m) for name, m in student.named_modules() if name.endswith("mlp.experts"))
     decoder = _numel(student.model) - _numel(student.model.embed_tokens)
     return StudentShape(
-        layer_types=tuple(cfg.layer_types), hidden=cfg.hidden_size, vocab=cfg.vocab_size,
-        experts=cfg.num_experts, experts_per_token=cfg.num_experts_per_tok,
-        attention_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
-        deltanet_heads=cfg.linear_num_value_heads, deltanet_key_dim=cfg.linear_key_head_dim,
-        deltanet_value_dim=cfg.linear_value_head_dim, decoder_params=decoder,
-        embed_params=_numel(student.model.embed_tokens), head_params=_numel(student.lm_head),
+        layer_types=tuple(cfg.layer_types),
+        hidden=cfg.hidden_size,
+        vocab=cfg.vocab_size,
+        experts=cfg.num_experts,
+        experts_per_token=cfg.num_experts_per_tok,
+        attention_heads=cfg.num_attention_heads,
+        head_dim=cfg.head_dim,
+        deltanet_heads=cfg.linear_num_value_heads,
+        deltanet_key_dim=cfg.linear_key_head_dim,
+        deltanet_value_dim=cfg.linear_value_head_dim,
+        decoder_params=decoder,
+        embed_params=_numel(student.model.embed_tokens),
+        head_params=_numel(student.lm_head),
         largest_layer_params=max(_numel(layer) for layer in student.model.layers),
         active_params=decoder - round(experts * (1 - cfg.num_experts_per_tok / cfg.num_experts)),
     )
@@ -155,8 +162,7 @@ def hyper_shape(config) -> HyperShape:
 
     _, hyper = build_meta(config)
     generated = sum(config.rank * (t.in_features + t.out_features) for t in hyper.targets)
-    return HyperShape(_numel(hyper), generated, config.encoder_dim,
-                      config.encoder_layers, config.max_prompt_tokens)
+    return HyperShape(_numel(hyper), generated, config.encoder_dim, config.encoder_layers, config.max_prompt_tokens)
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -182,8 +188,9 @@ def layer_activation_per_token(shape: StudentShape, kind: str) -> float:
     return calibrated_per_token(kind, shape.experts)
 
 
-def decoder_activation_bytes(layers: int, hidden: int, dtype_bytes: int, tokens: int,
-                             layer_peak_per_token: float) -> tuple[float, float]:
+def decoder_activation_bytes(
+    layers: int, hidden: int, dtype_bytes: int, tokens: int, layer_peak_per_token: float
+) -> tuple[float, float]:
     """(checkpointed layer inputs, one layer's recompute + backward) in bytes for a micro-batch of `tokens`.
 
     With per-layer checkpointing every layer keeps only its input [T, hidden]; in backward one layer
@@ -203,8 +210,11 @@ def loss_items(vocab: int, hidden: int, tokens: int, top_k: int, chunk: int, dty
     logits = chunk * vocab * (dtype_bytes + (4 if dtype_bytes != 4 else 0))
     return [
         Item(f"teacher top-K [T, {top_k}] int64 + float32", tokens * top_k * 12),
-        Item(f"loss: logits [{chunk}, V] + masked [T, H], dKL/dh, [T, K] copies",
-             logits + 2 * tokens * hidden * dtype_bytes + tokens * top_k * 12, when="loss"),
+        Item(
+            f"loss: logits [{chunk}, V] + masked [T, H], dKL/dh, [T, K] copies",
+            logits + 2 * tokens * hidden * dtype_bytes + tokens * top_k * 12,
+            when="loss",
+        ),
     ]
 
 
@@ -215,28 +225,47 @@ def hyper_items(hyper: HyperShape, world: int) -> list[Item]:
     the codes) and the prompt encoder's (~24 floats per token, width and layer: an estimate)."""
     states = hyper.params * 4 * (2 + 3 / world)
     activations = 3 * hyper.generated * 4 + 24 * hyper.encoder_dim * hyper.encoder_layers * hyper.max_prompt_tokens * 4
-    return [Item(f"hypernetwork {hyper.params / 1e6:.1f}M: params, grads, AdamW (fp32)", states),
-            Item(f"hypernetwork: {hyper.generated / 1e6:.1f}M generated A/B + grads, encoder", activations)]
+    return [
+        Item(f"hypernetwork {hyper.params / 1e6:.1f}M: params, grads, AdamW (fp32)", states),
+        Item(f"hypernetwork: {hyper.generated / 1e6:.1f}M generated A/B + grads, encoder", activations),
+    ]
 
 
-def gpu_memory(shape: StudentShape, hyper: HyperShape, *, tokens: int, world: int, top_k: int, chunk: int,
-               dtype_bytes: int = 2, layer_peak_per_token: float | None = None,
-               layer_source: str = "calibrated") -> list[Item]:
+def gpu_memory(
+    shape: StudentShape,
+    hyper: HyperShape,
+    *,
+    tokens: int,
+    world: int,
+    top_k: int,
+    chunk: int,
+    dtype_bytes: int = 2,
+    layer_peak_per_token: float | None = None,
+    layer_source: str = "calibrated",
+) -> list[Item]:
     """Per-GPU memory items at `tokens` per micro-batch (see `peak_bytes` for how they add up)."""
     kind = max(KINDS, key=lambda k: layer_activation_per_token(shape, k) if k in shape.layer_types else 0)
     per_token = layer_peak_per_token or layer_activation_per_token(shape, kind)
     inputs, layer = decoder_activation_bytes(shape.layers, shape.hidden, dtype_bytes, tokens, per_token)
     layer_gb = shape.largest_layer_params * dtype_bytes / GB
     return [
-        Item(f"student shards ({shape.decoder_params / 1e9:.1f}B / {world})",
-             shape.decoder_params * dtype_bytes / world),
-        Item(f"gathered layers (2 x {layer_gb:.2f} GB: current + prefetched)",
-             2 * shape.largest_layer_params * dtype_bytes),
+        Item(
+            f"student shards ({shape.decoder_params / 1e9:.1f}B / {world})", shape.decoder_params * dtype_bytes / world
+        ),
+        Item(
+            f"gathered layers (2 x {layer_gb:.2f} GB: current + prefetched)",
+            2 * shape.largest_layer_params * dtype_bytes,
+        ),
         Item("embedding + LM head, replicated", (shape.embed_params + shape.head_params) * dtype_bytes),
         *hyper_items(hyper, world),
         Item(f"checkpointed layer inputs ({shape.layers} x T x {shape.hidden})", inputs),
-        Item(f"one layer's recompute + backward ({KIND_NAMES[kind] if layer_peak_per_token is None else 'largest'}, "
-             f"{per_token / 1e3:.0f} kB/token)", layer, "backward", layer_source),
+        Item(
+            f"one layer's recompute + backward ({KIND_NAMES[kind] if layer_peak_per_token is None else 'largest'}, "
+            f"{per_token / 1e3:.0f} kB/token)",
+            layer,
+            "backward",
+            layer_source,
+        ),
         *loss_items(shape.vocab, shape.hidden, tokens, top_k, chunk, dtype_bytes),
     ]
 
@@ -249,8 +278,9 @@ def peak_bytes(items: list[Item], fragmentation: float = FRAGMENTATION) -> tuple
     return allocated, allocated * (1 + fragmentation) + CUDA_RESERVE_BYTES
 
 
-def host_memory(shape: StudentShape, *, tokens: int, top_k: int, prefetch: int, accumulation: int,
-                dtype_bytes: int = 2) -> list[Item]:
+def host_memory(
+    shape: StudentShape, *, tokens: int, top_k: int, prefetch: int, accumulation: int, dtype_bytes: int = 2
+) -> list[Item]:
     """Host RAM per rank. `trainer.model` allocates the shard on the device and copies the safetensors
     slices of its own rows in: the largest tensor read whole (embedding or LM head, replicated) is
     held twice (mapped file pages + the copy). Teacher top-K waits on the host for the prefetch
@@ -260,8 +290,10 @@ def host_memory(shape: StudentShape, *, tokens: int, top_k: int, prefetch: int, 
     return [
         Item("student shard staged on host (read straight to GPU)", 0.0),
         Item("largest tensor read at once (x2: file pages + copy)", 2 * largest),
-        Item(f"teacher top-K: ({prefetch} prefetch + {accumulation} accumulation) x T x K x 12 B",
-             (prefetch + accumulation) * tokens * top_k * 12),
+        Item(
+            f"teacher top-K: ({prefetch} prefetch + {accumulation} accumulation) x T x K x 12 B",
+            (prefetch + accumulation) * tokens * top_k * 12,
+        ),
         Item("Python, torch, CUDA/NCCL libraries, gRPC", HOST_CONTEXT_BYTES),
     ]
 
@@ -320,14 +352,23 @@ def mean_tokens(max_length: int, table: dict[int, float]) -> float:
     return min(max_length, table[ref] * max_length / ref)
 
 
-def phase_time(examples: int, mean: float, epochs: int, trainer_tokens_per_s: float,
-               teacher_positions_per_s: float) -> PhaseTime:
+def phase_time(
+    examples: int, mean: float, epochs: int, trainer_tokens_per_s: float, teacher_positions_per_s: float
+) -> PhaseTime:
     """Hours of a phase of `examples` x `mean` tokens x `epochs` at the two rates."""
     per_epoch = examples * mean
     trainer = per_epoch / trainer_tokens_per_s / 3600
     teacher = per_epoch / teacher_positions_per_s / 3600
-    return PhaseTime(examples, mean, epochs, per_epoch * epochs, trainer * epochs, teacher * epochs,
-                     max(trainer, teacher) * epochs, max(trainer, teacher) + trainer * (epochs - 1))
+    return PhaseTime(
+        examples,
+        mean,
+        epochs,
+        per_epoch * epochs,
+        trainer * epochs,
+        teacher * epochs,
+        max(trainer, teacher) * epochs,
+        max(trainer, teacher) + trainer * (epochs - 1),
+    )
 
 
 # ---- the GPU check's measurements ----------------------------------------------------------------
@@ -350,8 +391,10 @@ def load_measured(path: str | Path, shape: StudentShape, hyper: HyperShape, top_
     """Read the GPU check's JSON; use the ``fla`` runs when any finished, else ``torch``."""
     report = json.loads(Path(path).read_text())
     if report.get("cpu_mode") or report.get("device") in (None, "cpu"):
-        raise ValueError(f"{path}: a CPU-mode GPU check (device {report.get('device')!r}); its peaks are not GPU "
-                         "memory: plan from a report written on a GPU (e.g. tests/gpu/results/h200.json)")
+        raise ValueError(
+            f"{path}: a CPU-mode GPU check (device {report.get('device')!r}); its peaks are not GPU "
+            "memory: plan from a report written on a GPU (e.g. tests/gpu/results/h200.json)"
+        )
     cfg = report.get("config") or {}
     layers, hidden = cfg.get("num_hidden_layers", 4), cfg.get("hidden_size", shape.hidden)
     runs = [r for r in report.get("runs", []) if r.get("ok")]
@@ -366,8 +409,13 @@ def load_measured(path: str | Path, shape: StudentShape, hyper: HyperShape, top_
         rest = r["param_bytes"] + fixed + layers * t * hidden * 2 + t * top_k * 12
         per_token[t] = max(r["peak_allocated_bytes"] - rest, 0) / t
     frag = max(r["peak_reserved_bytes"] / r["peak_allocated_bytes"] - 1 for r in runs)
-    return Measured(kernels, per_token, {r["tokens"]: r["tokens_per_s"] * layers / shape.layers for r in runs},
-                    frag, report.get("device") or "?")
+    return Measured(
+        kernels,
+        per_token,
+        {r["tokens"]: r["tokens_per_s"] * layers / shape.layers for r in runs},
+        frag,
+        report.get("device") or "?",
+    )
 
 
 def nearest(table: dict[int, float], tokens: int) -> tuple[int, float]:
@@ -377,8 +425,11 @@ def nearest(table: dict[int, float], tokens: int) -> tuple[int, float]:
 
 
 # ---- calibration measurement (CPU) ----------------------------------------------------------------
-_ALLOCATE_ONLY_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
-    "mm", "bmm", "addmm", "_grouped_mm", "convolution_backward") if hasattr(torch.ops.aten, name))
+_ALLOCATE_ONLY_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "bmm", "addmm", "_grouped_mm", "convolution_backward")
+    if hasattr(torch.ops.aten, name)
+)
 
 
 def _to_meta(x):
@@ -441,8 +492,9 @@ class LayerMeasurement:
     """Allocator peak of forward + backward (the saved tensors plus backward transients)."""
 
 
-def measure_layer(config_kwargs: dict, kind: str, tokens: int, dtype: torch.dtype = torch.bfloat16,
-                  rank: int = 16, seed: int = 0) -> LayerMeasurement:
+def measure_layer(
+    config_kwargs: dict, kind: str, tokens: int, dtype: torch.dtype = torch.bfloat16, rank: int = 16, seed: int = 0
+) -> LayerMeasurement:
     """One decoder layer of `kind` built from Qwen3NextConfig kwargs with random weights, frozen, its
     LoRA targets wrapped and active (random A/B requiring grad) and the input [1, T, H] requiring grad,
     as in training: the bytes it saves for backward and the peak of its forward + backward on CPU.
@@ -465,13 +517,23 @@ def measure_layer(config_kwargs: dict, kind: str, tokens: int, dtype: torch.dtyp
     modules = dict(layer.named_modules())
     targets = [name for name in DEFAULT_TARGETS if name in modules]
     wrap_targets(layer, targets)
-    lora = GeneratedLoRA({name: LoRAWeights(
-        (0.01 * torch.randn(1, rank, modules[name].in_features)).requires_grad_(),
-        (0.01 * torch.randn(1, modules[name].out_features, rank)).requires_grad_(), name) for name in targets}, 2.0)
+    lora = GeneratedLoRA(
+        {
+            name: LoRAWeights(
+                (0.01 * torch.randn(1, rank, modules[name].in_features)).requires_grad_(),
+                (0.01 * torch.randn(1, modules[name].out_features, rank)).requires_grad_(),
+                name,
+            )
+            for name in targets
+        },
+        2.0,
+    )
     x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
     cos, sin = Qwen3NextRotaryEmbedding(cfg)(x, torch.arange(tokens)[None])
-    skip = {t.untyped_storage()._cdata for t in (x, cos, sin, *layer.parameters(),
-                                                   *(f for w in lora.weights.values() for f in (w.A, w.B)))}
+    skip = {
+        t.untyped_storage()._cdata
+        for t in (x, cos, sin, *layer.parameters(), *(f for w in lora.weights.values() for f in (w.A, w.B)))
+    }
     packed: list[weakref.ref] = []
     saved_bytes = 0
 
@@ -484,8 +546,9 @@ def measure_layer(config_kwargs: dict, kind: str, tokens: int, dtype: torch.dtyp
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), hyper_lora(layer, lora, seq_len=tokens):
             y = layer(x, (cos, sin), attention_mask=None)
         # What the graph still holds: tensors saved on branches the output does not reach are gone.
-        live = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-                for t in (r() for r in packed) if t is not None}
+        live = {
+            t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in (r() for r in packed) if t is not None
+        }
         saved_bytes = sum(n for key, n in live.items() if key not in skip)
         with _AllocateOnly():
             y.backward(torch.ones_like(y))
@@ -494,8 +557,10 @@ def measure_layer(config_kwargs: dict, kind: str, tokens: int, dtype: torch.dtyp
     return LayerMeasurement(kind, tokens, cfg.num_experts, saved_bytes, peak)
 
 
-def calibrate(tokens: tuple[int, int] = CALIBRATION_TOKENS,
-              experts: tuple[int, int] = (CALIBRATION_EXPERTS, 2 * CALIBRATION_EXPERTS)) -> dict:
+def calibrate(
+    tokens: tuple[int, int] = CALIBRATION_TOKENS,
+    experts: tuple[int, int] = (CALIBRATION_EXPERTS, 2 * CALIBRATION_EXPERTS),
+) -> dict:
     """Measure both layer kinds at real widths with `experts[0]` experts at two T, and at `experts[1]`.
 
     Per kind: bytes per token at each T (they agree within ~2%: linear in T), the increment per token
@@ -529,12 +594,19 @@ def format_calibration(result: dict) -> str:
         r = result[kind]
         for what in ("saved", "peak"):
             a, b = r[f"{what}_per_token"]
-            lines.append(f"  {KIND_NAMES[kind]:9} {what:5} {a:>9,.0f} B/token at T={t0}, {b:>9,.0f} at T={t1} "
-                         f"({100 * (b / a - 1):+.2f}%); per extra token, at 512 experts: {r[what]:,.0f}")
+            lines.append(
+                f"  {KIND_NAMES[kind]:9} {what:5} {a:>9,.0f} B/token at T={t0}, {b:>9,.0f} at T={t1} "
+                f"({100 * (b / a - 1):+.2f}%); per extra token, at 512 experts: {r[what]:,.0f}"
+            )
         lines.append(f"  {KIND_NAMES[kind]:9} {r['expert_bytes_per_token']:.2f} B per expert and token ({e0} -> {e1})")
-    lines.append("LAYER_CALIBRATION = {" + ", ".join(
-        f'"{k}": {{"saved": {round(result[k]["saved"], -2):_.0f}, "peak": {round(result[k]["peak"], -2):_.0f}}}'
-        for k in KINDS) + "}")
+    lines.append(
+        "LAYER_CALIBRATION = {"
+        + ", ".join(
+            f'"{k}": {{"saved": {round(result[k]["saved"], -2):_.0f}, "peak": {round(result[k]["peak"], -2):_.0f}}}'
+            for k in KINDS
+        )
+        + "}"
+    )
     return "\n".join(lines)
 
 
@@ -553,15 +625,21 @@ class Hardware:
     mean_tokens: dict[int, float] = field(default_factory=lambda: dict(MEAN_TOKENS))
 
 
-def plan_phase(cfg, phase, shape: StudentShape, hyper: HyperShape, hw: Hardware,
-               measured: Measured | None = None) -> dict:
+def plan_phase(
+    cfg, phase, shape: StudentShape, hyper: HyperShape, hw: Hardware, measured: Measured | None = None
+) -> dict:
     """Memory, host RAM, FLOPs and hours of one phase of a `TrainerConfig` (plain data, for text or JSON)."""
     tokens = phase.token_budget or cfg.data.token_budget
     max_length = phase.max_length or cfg.data.max_length
     items, frag = _gpu_items(cfg, shape, hyper, hw, measured, tokens)
     allocated, peak = peak_bytes(items, frag)
-    host = host_memory(shape, tokens=tokens, top_k=cfg.teacher.top_k, prefetch=cfg.teacher.prefetch_batches,
-                       accumulation=cfg.optim.accumulation_steps)
+    host = host_memory(
+        shape,
+        tokens=tokens,
+        top_k=cfg.teacher.top_k,
+        prefetch=cfg.teacher.prefetch_batches,
+        accumulation=cfg.optim.accumulation_steps,
+    )
     examples = min(phase.max_samples or hw.examples, hw.examples - cfg.eval.held_out)
     mean = mean_tokens(max_length, hw.mean_tokens)
     flops = flops_per_token(shape, hyper, round(mean))
@@ -574,26 +652,44 @@ def plan_phase(cfg, phase, shape: StudentShape, hyper: HyperShape, hw: Hardware,
         rate_source = f"measured ({measured.kernels}, T={t:,}, {measured.device}) x {hw.gpus} GPUs; = {mfu:.0%} MFU"
     time = phase_time(examples, mean, phase.epochs, rate, hw.teacher_positions_per_s)
     return {
-        "phase": phase.name, "max_length": max_length, "tokens_per_micro_batch": tokens,
-        "gpu": [asdict(i) for i in items], "fragmentation": frag, "cuda_reserve_bytes": CUDA_RESERVE_BYTES,
-        "allocated_bytes": allocated, "peak_bytes": peak, "gpu_bytes": hw.gpu_memory_bytes,
+        "phase": phase.name,
+        "max_length": max_length,
+        "tokens_per_micro_batch": tokens,
+        "gpu": [asdict(i) for i in items],
+        "fragmentation": frag,
+        "cuda_reserve_bytes": CUDA_RESERVE_BYTES,
+        "allocated_bytes": allocated,
+        "peak_bytes": peak,
+        "gpu_bytes": hw.gpu_memory_bytes,
         "fits": peak <= hw.gpu_memory_bytes,
-        "host": [asdict(i) for i in host], "host_bytes": sum(i.bytes for i in host),
-        "flops_per_token": flops, "trainer_tokens_per_s": rate, "trainer_rate_source": rate_source,
-        "time": asdict(time), "budget_hours": SEED_HOURS.get(phase.name),
+        "host": [asdict(i) for i in host],
+        "host_bytes": sum(i.bytes for i in host),
+        "flops_per_token": flops,
+        "trainer_tokens_per_s": rate,
+        "trainer_rate_source": rate_source,
+        "time": asdict(time),
+        "budget_hours": SEED_HOURS.get(phase.name),
     }
 
 
-def _gpu_items(cfg, shape: StudentShape, hyper: HyperShape, hw: Hardware, measured: Measured | None,
-               tokens: int) -> tuple[list[Item], float]:
+def _gpu_items(
+    cfg, shape: StudentShape, hyper: HyperShape, hw: Hardware, measured: Measured | None, tokens: int
+) -> tuple[list[Item], float]:
     """`gpu_memory` for a config at `tokens`, with the GPU check's layer bytes if given; and the
     fragmentation share to use."""
     kw, frag = {}, FRAGMENTATION
     if measured is not None:
         t, per_token = nearest(measured.layer_peak_per_token, tokens)
         kw, frag = {"layer_peak_per_token": per_token, "layer_source": f"measured T={t:,}"}, measured.fragmentation
-    items = gpu_memory(shape, hyper, tokens=tokens, world=hw.gpus, top_k=cfg.teacher.top_k,
-                       chunk=cfg.optim.logits_chunk_positions, **kw)
+    items = gpu_memory(
+        shape,
+        hyper,
+        tokens=tokens,
+        world=hw.gpus,
+        top_k=cfg.teacher.top_k,
+        chunk=cfg.optim.logits_chunk_positions,
+        **kw,
+    )
     return items, frag
 
 
@@ -650,9 +746,13 @@ def plan(cfg, hw: Hardware, phase: str | None = None, measured_path: str | None 
     if not phases:
         raise SystemExit(f"no phase {phase!r}; the config has {', '.join(p.name for p in cfg.phases)}")
     return {
-        "student": {**asdict(shape), "layers": shape.layers,
-                    "deltanet_layers": shape.layer_types.count("linear_attention")},
-        "hypernetwork": asdict(hyper), "hardware": asdict(hw),
+        "student": {
+            **asdict(shape),
+            "layers": shape.layers,
+            "deltanet_layers": shape.layer_types.count("linear_attention"),
+        },
+        "hypernetwork": asdict(hyper),
+        "hardware": asdict(hw),
         "measured": None if measured is None else asdict(measured),
         "goal_peak_bytes_at_32k": goal_peak(cfg, shape, hyper, hw, measured),
         "phases": [plan_phase(cfg, p, shape, hyper, hw, measured) for p in phases],
@@ -673,23 +773,30 @@ def render(result: dict, config_path: str) -> str:
         f"{s['experts_per_token']}, vocab {s['vocab']:,}; {total / 1e9:.2f}B params, "
         f"{s['active_params'] / 1e9:.2f}B active per token in the decoder, bf16",
         f"hypernetwork {h['params'] / 1e6:.1f}M params, {h['generated'] / 1e6:.1f}M generated numbers per prompt",
-        "layer activations: " + (f"measured by the GPU check on {m['device']} ({m['kernels']} kernels)" if m else
-                                 "calibrated on CPU (`--calibrate`; PyTorch DeltaNet fallback: an upper bound "
-                                 "for fla)"),
+        "layer activations: "
+        + (
+            f"measured by the GPU check on {m['device']} ({m['kernels']} kernels)"
+            if m
+            else "calibrated on CPU (`--calibrate`; PyTorch DeltaNet fallback: an upper bound for fla)"
+        ),
         f"rates: {rates}, teacher {hw['teacher_positions_per_s']:,.0f} positions/s; data {hw['examples']:,} examples, "
         "mean tokens per example " + ", ".join(f"{int(v):,} at a {int(k):,} cut" for k, v in hw["mean_tokens"].items()),
         "",
     ]
     for p in result["phases"]:
         lines += [render_phase(p), ""]
-    lines.append(f"goal: per-GPU peak at {GOAL_TOKENS:,} tokens {goal / GB:.1f} GB "
-                 f"({'met' if goal <= GOAL_PEAK_BYTES else 'NOT met'}: <= {GOAL_PEAK_BYTES / GB:.0f} GB); host RAM "
-                 f"<= {GOAL_HOST_BYTES / GB:.0f} GB per rank: "
-                 f"{'met' if all(p['host_bytes'] <= GOAL_HOST_BYTES for p in result['phases']) else 'NOT met'}")
+    lines.append(
+        f"goal: per-GPU peak at {GOAL_TOKENS:,} tokens {goal / GB:.1f} GB "
+        f"({'met' if goal <= GOAL_PEAK_BYTES else 'NOT met'}: <= {GOAL_PEAK_BYTES / GB:.0f} GB); host RAM "
+        f"<= {GOAL_HOST_BYTES / GB:.0f} GB per rank: "
+        f"{'met' if all(p['host_bytes'] <= GOAL_HOST_BYTES for p in result['phases']) else 'NOT met'}"
+    )
     main = next((p for p in result["phases"] if p["phase"] == "main"), None)
     if main:
-        lines.append(f"goal: main phase {main['time']['hours']:.1f} h without a teacher cache, "
-                     f"{main['time']['hours_cached']:.1f} h with one (seed: {SEED_HOURS['main']:g} h)")
+        lines.append(
+            f"goal: main phase {main['time']['hours']:.1f} h without a teacher cache, "
+            f"{main['time']['hours_cached']:.1f} h with one (seed: {SEED_HOURS['main']:g} h)"
+        )
     return "\n".join(lines)
 
 
@@ -699,24 +806,45 @@ def _mean_tokens_arg(text: str) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trainer.plan", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.plan",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="trainer YAML, e.g. deploy/configs/trainer.h200.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. optim.accumulation_steps=16")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.accumulation_steps=16"
+    )
     parser.add_argument("--phase", help="plan only this phase (default: all)")
-    parser.add_argument("--measured", metavar="FILE.json",
-                        help="the GPU check's gpu_check.json: measured layer activations, fragmentation, tokens/s")
-    parser.add_argument("--gpus", type=int, default=4,
-                        help="trainer GPUs (world size, default 4); 8 once a teacher cache frees GPUs 0-3")
+    parser.add_argument(
+        "--measured",
+        metavar="FILE.json",
+        help="the GPU check's gpu_check.json: measured layer activations, fragmentation, tokens/s",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=4,
+        help="trainer GPUs (world size, default 4); 8 once a teacher cache frees GPUs 0-3",
+    )
     parser.add_argument("--gpu-memory-gb", type=float, default=141.0, help="memory of one GPU, GB (H200: 141)")
-    parser.add_argument("--mfu", type=float, default=0.25,
-                        help="share of the 989 TFLOP/s bf16 peak achieved (default 0.25)")
-    parser.add_argument("--teacher-positions-per-s", type=float, default=30_000,
-                        help="teacher scoring rate (default 30,000: 4xH200 FP8, issue 15)")
+    parser.add_argument(
+        "--mfu", type=float, default=0.25, help="share of the 989 TFLOP/s bf16 peak achieved (default 0.25)"
+    )
+    parser.add_argument(
+        "--teacher-positions-per-s",
+        type=float,
+        default=30_000,
+        help="teacher scoring rate (default 30,000: 4xH200 FP8, issue 15)",
+    )
     parser.add_argument("--examples", type=int, default=GOLD_EXAMPLES, help="examples in the data set (gold: 32,161)")
-    parser.add_argument("--mean-tokens", type=_mean_tokens_arg, action="append", metavar="MAX_LENGTH=TOKENS",
-                        help="mean tokens per example at a cut (repeatable; 16384=14500 from issue 15 unless given)")
+    parser.add_argument(
+        "--mean-tokens",
+        type=_mean_tokens_arg,
+        action="append",
+        metavar="MAX_LENGTH=TOKENS",
+        help="mean tokens per example at a cut (repeatable; 16384=14500 from issue 15 unless given)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--calibrate", action="store_true", help="re-measure the layer calibration on CPU (~1-2 min)")
     args = parser.parse_args(argv)
@@ -730,8 +858,14 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.config import TrainerConfig
 
     cfg = load_config(TrainerConfig, args.config, overrides=args.overrides)
-    hw = Hardware(args.gpus, args.gpu_memory_gb * GB, args.mfu, args.teacher_positions_per_s, args.examples,
-                  {**MEAN_TOKENS, **dict(args.mean_tokens or [])})
+    hw = Hardware(
+        args.gpus,
+        args.gpu_memory_gb * GB,
+        args.mfu,
+        args.teacher_positions_per_s,
+        args.examples,
+        {**MEAN_TOKENS, **dict(args.mean_tokens or [])},
+    )
     result = plan(cfg, hw, args.phase, args.measured)
     print(json.dumps(result, indent=1) if args.json else render(result, args.config))
 

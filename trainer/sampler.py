@@ -43,8 +43,9 @@ class LengthBucketSampler:
     time.
     """
 
-    def __init__(self, lengths: Sequence[int] | np.ndarray, *, token_budget: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, lengths: Sequence[int] | np.ndarray, *, token_budget: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         """lengths: int [N], the token count of each example (the dataset's `length`)."""
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.token_budget, self.seed, self.rank, self.world_size = token_budget, seed, rank, world_size
@@ -54,14 +55,21 @@ class LengthBucketSampler:
         self.num_batches = sum(-(-len(members) // k) for k, members in self._buckets)
         self.steps_per_epoch = self.num_batches // world_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.lengths)} examples make {self.num_batches} batches: "
-                             f"fewer than one per rank for {world_size} ranks")
+            raise ValueError(
+                f"{len(self.lengths)} examples make {self.num_batches} batches: "
+                f"fewer than one per rank for {world_size} ranks"
+            )
         self._lengths_digest = hashlib.sha256(self.lengths.tobytes()).hexdigest()
         self._epoch = 0
         self._step = 0
-        log.info("%d examples in %d buckets -> %d batches per epoch, %d steps per rank (%d dropped)",
-                 len(self.lengths), len(self._buckets), self.num_batches, self.steps_per_epoch,
-                 self.num_batches % world_size)
+        log.info(
+            "%d examples in %d buckets -> %d batches per epoch, %d steps per rank (%d dropped)",
+            len(self.lengths),
+            len(self._buckets),
+            self.num_batches,
+            self.steps_per_epoch,
+            self.num_batches % world_size,
+        )
 
     def _check_arguments(self) -> None:
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
@@ -89,13 +97,13 @@ class LengthBucketSampler:
         batches = []
         for k, members in self._buckets:
             shuffled = rng.permutation(members)
-            batches += [shuffled[i:i + k].tolist() for i in range(0, len(shuffled), k)]
+            batches += [shuffled[i : i + k].tolist() for i in range(0, len(shuffled), k)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's `steps_per_epoch` batches of `epoch`, in order."""
         end = self.steps_per_epoch * self.world_size
-        return self.global_batches(epoch)[self.rank:end:self.world_size]
+        return self.global_batches(epoch)[self.rank : end : self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, batches = self._epoch, self.rank_batches(self._epoch)
@@ -121,8 +129,10 @@ class LengthBucketSampler:
         expected = self.state_dict()
         for key in ("seed", "token_budget", "world_size", "lengths_sha256"):
             if state[key] != expected[key]:
-                raise ValueError(f"sampler state has {key}={state[key]!r}, this sampler {expected[key]!r}: "
-                                 "resuming needs the same data and settings")
+                raise ValueError(
+                    f"sampler state has {key}={state[key]!r}, this sampler {expected[key]!r}: "
+                    "resuming needs the same data and settings"
+                )
         if not 0 <= state["step"] < self.steps_per_epoch:
             raise ValueError(f"sampler state step {state['step']} is outside [0, {self.steps_per_epoch})")
         self._epoch, self._step = int(state["epoch"]), int(state["step"])
@@ -157,9 +167,9 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_id: int) -> Batch:
     loss_mask = torch.zeros((batch_size, longest), dtype=torch.bool)
     prompt_ids = torch.full((batch_size, longest_prompt), pad_id, dtype=torch.int64)
     for row, example in enumerate(examples):
-        input_ids[row, :lengths[row]] = torch.as_tensor(example["input_ids"], dtype=torch.int64)
-        loss_mask[row, :lengths[row]] = torch.as_tensor(example["loss_mask"], dtype=torch.bool)
-        prompt_ids[row, :prompt_lengths[row]] = torch.as_tensor(example["prompt_ids"], dtype=torch.int64)
+        input_ids[row, : lengths[row]] = torch.as_tensor(example["input_ids"], dtype=torch.int64)
+        loss_mask[row, : lengths[row]] = torch.as_tensor(example["loss_mask"], dtype=torch.bool)
+        prompt_ids[row, : prompt_lengths[row]] = torch.as_tensor(example["prompt_ids"], dtype=torch.int64)
     positions, prompt_positions = torch.arange(longest), torch.arange(longest_prompt)
     return Batch(
         input_ids=input_ids,
@@ -171,9 +181,7 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_id: int) -> Batch:
     )
 
 
-def iterate_batches(
-    dataset: Any, sampler: LengthBucketSampler, pad_id: int
-) -> Iterator[tuple[Batch, dict[str, Any]]]:
+def iterate_batches(dataset: Any, sampler: LengthBucketSampler, pad_id: int) -> Iterator[tuple[Batch, dict[str, Any]]]:
     """(batch, sampler state after it) for the rest of the sampler's current epoch.
 
     `dataset` is a prepared `datasets.Dataset` (anything with `__getitems__(indices)`
@@ -192,8 +200,9 @@ def batch_sequences(batch: Batch) -> list[np.ndarray]:
     return [batch.input_ids[row, :n].numpy().astype(np.int32) for row, n in enumerate(lengths)]
 
 
-def teacher_tensors(batch: Batch, topk: Sequence[Any],
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_tensors(
+    batch: Batch, topk: Sequence[Any], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's top-K per row (``common.codec.TopK``) padded to the batch: ids int64
     [B, T-1, K], logprobs float32 [B, T-1, K] and mask bool [B, T-1] (position t counts when
     token t+1 is an assistant token)."""

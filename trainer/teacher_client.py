@@ -60,12 +60,14 @@ B = TypeVar("B")
 # Codes after which a stream's unanswered requests are resubmitted. A non-retryable code whose
 # message names none of the stream's requests is treated the same way (grpc reports some
 # connection drops as UNKNOWN), so it is retried until the budget runs out.
-RETRYABLE_CODES = frozenset({
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.CANCELLED,
-})
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 # Codes with which a teacher refuses this client's credentials: no retry helps, so `start` fails at once.
 _AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 # The server caps request ids at 256 characters; the key's part of ours is capped below that.
@@ -132,19 +134,27 @@ class TeacherClientConfig:
     ``tls_ca_file``: the token is sent as call credentials, which gRPC sends only over TLS."""
 
     def __post_init__(self) -> None:
-        check_tls_config(self, "teacher", switch="tls_ca_file",
-                         dependents=("tls_cert_file", "tls_server_name", "auth_token_env"))
+        check_tls_config(
+            self, "teacher", switch="tls_ca_file", dependents=("tls_cert_file", "tls_server_name", "auth_token_env")
+        )
         if not self.addresses or not all(isinstance(a, str) and a for a in self.addresses):
             raise ValueError(f"addresses must be a non-empty list of host:port strings, got {self.addresses!r}")
         if self.top_k < 1 or self.prefetch_batches < 0:
             raise ValueError(f"top_k must be >= 1 and prefetch_batches >= 0, got {self.top_k}, {self.prefetch_batches}")
-        for name in ("request_timeout_seconds", "retry_budget_seconds", "backoff_initial_seconds",
-                     "backoff_max_seconds", "connect_timeout_seconds"):
+        for name in (
+            "request_timeout_seconds",
+            "retry_budget_seconds",
+            "backoff_initial_seconds",
+            "backoff_max_seconds",
+            "connect_timeout_seconds",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.backoff_max_seconds < self.backoff_initial_seconds:
-            raise ValueError(f"backoff_max_seconds {self.backoff_max_seconds} < backoff_initial_seconds "
-                             f"{self.backoff_initial_seconds}")
+            raise ValueError(
+                f"backoff_max_seconds {self.backoff_max_seconds} < backoff_initial_seconds "
+                f"{self.backoff_initial_seconds}"
+            )
         if self.max_message_bytes < 64 * 1024:
             raise ValueError(f"max_message_bytes must be >= 65536, got {self.max_message_bytes}")
 
@@ -413,9 +423,15 @@ class TeacherClient:
             else:
                 link.verified = True
                 self.infos[link.address] = outcome
-                logger.info("teacher at %s: %s engine, model %s, vocab %d, max_model_len %d, max_top_k %d",
-                            link.address, outcome.engine, outcome.model, outcome.vocab_size,
-                            outcome.max_model_len, outcome.max_top_k)
+                logger.info(
+                    "teacher at %s: %s engine, model %s, vocab %d, max_model_len %d, max_top_k %d",
+                    link.address,
+                    outcome.engine,
+                    outcome.model,
+                    outcome.vocab_size,
+                    outcome.max_model_len,
+                    outcome.max_top_k,
+                )
 
     def _make_link(self, address: str) -> _Link:
         initial_ms = int(self.config.backoff_initial_seconds * 1000)
@@ -448,7 +464,8 @@ class TeacherClient:
                 if e.code() in _AUTH_CODES:
                     raise TeacherRequestError(
                         f"teacher at {link.address} refused this client ({last}): check teacher.auth_token_env "
-                        "and the token it names against the teacher's server.auth_token_env") from None
+                        "and the token it names against the teacher's server.auth_token_env"
+                    ) from None
                 if e.code() not in RETRYABLE_CODES:
                     break
             else:
@@ -543,15 +560,21 @@ class TeacherClient:
         stream.pending[request.rid] = request
         request.stream = stream
         request.timer = self._loop.call_later(
-            self.config.request_timeout_seconds, self._on_deadline, stream, request.rid)
-        stream.queue.put_nowait(pb.ScoreRequest(
-            request_id=request.rid, token_ids=request.token_ids, top_k=self.config.top_k, priority=job.priority))
+            self.config.request_timeout_seconds, self._on_deadline, stream, request.rid
+        )
+        stream.queue.put_nowait(
+            pb.ScoreRequest(
+                request_id=request.rid, token_ids=request.token_ids, top_k=self.config.top_k, priority=job.priority
+            )
+        )
 
     def _on_deadline(self, stream: _Stream, rid: str) -> None:
         """An attempt missed its deadline: fail its stream (cancelling it aborts the teacher's work)."""
         if rid in stream.pending and stream.failure is None and stream.task is not None:
-            stream.failure = (grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"request {rid!r} not answered within {self.config.request_timeout_seconds:g} s")
+            stream.failure = (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"request {rid!r} not answered within {self.config.request_timeout_seconds:g} s",
+            )
             stream.task.cancel()
 
     def _deliver(self, request: _Request, topk: TopK) -> None:
@@ -655,12 +678,22 @@ class TeacherClient:
         status = f"{link.address}: {code.name}: {details}"
         refused = [r for r in pending if code not in RETRYABLE_CODES and repr(r.rid) in details]
         for request in refused:
-            self._fail_job(request.job, TeacherRequestError(
-                f"teacher refused sequence {request.index} of batch {request.job.key!r} ({status})"))
+            self._fail_job(
+                request.job,
+                TeacherRequestError(
+                    f"teacher refused sequence {request.index} of batch {request.job.key!r} ({status})"
+                ),
+            )
         if not refused:
             delay = self._mark_down(link, self._loop.time())
-            logger.warning("stream to %s ended (%s: %s); resubmitting %d requests, address unused for %.1f s",
-                           link.address, code.name, details, len(pending), delay)
+            logger.warning(
+                "stream to %s ended (%s: %s); resubmitting %d requests, address unused for %.1f s",
+                link.address,
+                code.name,
+                details,
+                len(pending),
+                delay,
+            )
         for request in pending:
             if not request.job.done:
                 self._retry(request, status)
@@ -694,8 +727,7 @@ class Prefetcher(Generic[B]):
     evaluation) can share one client.
     """
 
-    def __init__(self, client: TeacherClient, batches: Iterable[B],
-                 to_sequences: Callable[[B], Sequence[np.ndarray]]):
+    def __init__(self, client: TeacherClient, batches: Iterable[B], to_sequences: Callable[[B], Sequence[np.ndarray]]):
         self.client = client
         self._batches = batches
         self._to_sequences = to_sequences

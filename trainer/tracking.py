@@ -30,9 +30,17 @@ class RunLog:
     def step(self, record: dict, lora_norms: dict[str, dict[str, float]]) -> None:
         if self.rank != 0:
             return
-        logger.info("step %d [%s] loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | step %.2fs | teacher wait %.3fs",
-                    record["step"], record["phase"], record["loss"], record["lr"], record["grad_norm"],
-                    record["tokens_per_s"], record["step_s"], record["teacher_wait_s"])
+        logger.info(
+            "step %d [%s] loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | step %.2fs | teacher wait %.3fs",
+            record["step"],
+            record["phase"],
+            record["loss"],
+            record["lr"],
+            record["grad_norm"],
+            record["tokens_per_s"],
+            record["step_s"],
+            record["teacher_wait_s"],
+        )
         self._write(record)
         if self._wandb is not None:
             flat = {f"lora/{m}/{f}": v for m, norms in lora_norms.items() for f, v in norms.items()}
@@ -43,8 +51,12 @@ class RunLog:
         the flat ``scalars`` to wandb."""
         if self.rank != 0:
             return
-        logger.info("step %d held-out KL %.4f (%s)", step, record["held_out_kl"],
-                    ", ".join(f"{arm} {values['kl']:.4f}" for arm, values in record["arms"].items()))
+        logger.info(
+            "step %d held-out KL %.4f (%s)",
+            step,
+            record["held_out_kl"],
+            ", ".join(f"{arm} {values['kl']:.4f}" for arm, values in record["arms"].items()),
+        )
         self._write({"step": step, **record})
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
@@ -70,5 +82,11 @@ def _start_wandb(config):
     import wandb
 
     logger.info("wandb %s (project %s)", mode, config.wandb.project)
-    return wandb.init(project=config.wandb.project, name=config.wandb.run_name, dir=str(config.run_dir),
-                      mode=mode, config=config_to_dict(config), resume="allow")
+    return wandb.init(
+        project=config.wandb.project,
+        name=config.wandb.run_name,
+        dir=str(config.run_dir),
+        mode=mode,
+        config=config_to_dict(config),
+        resume="allow",
+    )

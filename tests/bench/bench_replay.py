@@ -47,8 +47,10 @@ def save_records(path: Path, info: pb.TeacherInfo, sequences, chunks, top_k: int
     """sequences: int32 [T_i] each; chunks: the ScoreChunks the teacher sent for each."""
     from common.codec import pack_token_ids
 
-    records = {record_key(pack_token_ids(ids), top_k): [c.SerializeToString() for c in per_seq]
-               for ids, per_seq in zip(sequences, chunks)}
+    records = {
+        record_key(pack_token_ids(ids), top_k): [c.SerializeToString() for c in per_seq]
+        for ids, per_seq in zip(sequences, chunks)
+    }
     path.write_bytes(pickle.dumps({"info": info.SerializeToString(), "chunks": records}))
 
 
@@ -64,8 +66,9 @@ class ReplayServicer(pb_grpc.TeacherServiceServicer):
         async for request in request_iterator:
             recorded = self._chunks.get(record_key(request.token_ids, request.top_k))
             if recorded is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND,
-                                    f"request {request.request_id!r}: sequence not recorded for the replay")
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"request {request.request_id!r}: sequence not recorded for the replay"
+                )
             for data in recorded:
                 chunk = pb.ScoreChunk.FromString(data)
                 chunk.request_id = request.request_id
@@ -74,10 +77,15 @@ class ReplayServicer(pb_grpc.TeacherServiceServicer):
 
 async def serve(records: Path, port: int) -> None:
     data = pickle.loads(records.read_bytes())
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
     pb_grpc.add_TeacherServiceServicer_to_server(
-        ReplayServicer(pb.TeacherInfo.FromString(data["info"]), data["chunks"]), server)
+        ReplayServicer(pb.TeacherInfo.FromString(data["info"]), data["chunks"]), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -95,8 +103,15 @@ class ReplayProcess:
 
     def __init__(self, records: Path, port: int, log_path: Path, startup_timeout: float = 120):
         self.address = f"127.0.0.1:{port}"
-        self.command = [sys.executable, "-m", "tests.bench.bench_replay", "--records", str(records),
-                        "--port", str(port)]
+        self.command = [
+            sys.executable,
+            "-m",
+            "tests.bench.bench_replay",
+            "--records",
+            str(records),
+            "--port",
+            str(port),
+        ]
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None

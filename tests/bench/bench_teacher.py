@@ -54,8 +54,17 @@ def record_pass(address: str, sequences, data: TeacherData) -> None:
     logger.info("gRPC pass: %d positions in %.1f s", data.recorded.positions, data.recorded.seconds)
 
 
-def peer_passes(out: Path, model: Path, address: str, p2_sequences, p3_sequences, data: TeacherData, repeats: int,
-                record: bool, p3: bool) -> None:
+def peer_passes(
+    out: Path,
+    model: Path,
+    address: str,
+    p2_sequences,
+    p3_sequences,
+    data: TeacherData,
+    repeats: int,
+    record: bool,
+    p3: bool,
+) -> None:
     """With ``vllm serve`` and (for P3) the in-process engine up beside our server: the JSON pass
     over the P2 sequences, then the P3 rounds, one pass per path each, in rotating order."""
     from common.teacher_process import free_port
@@ -80,8 +89,9 @@ def peer_passes(out: Path, model: Path, address: str, p2_sequences, p3_sequences
             p3_rounds(address, http.port, inprocess, p3_sequences, data, repeats)
 
 
-def p3_rounds(address: str, http_port: int, inprocess: InProcessEngine, sequences, data: TeacherData,
-              repeats: int) -> None:
+def p3_rounds(
+    address: str, http_port: int, inprocess: InProcessEngine, sequences, data: TeacherData, repeats: int
+) -> None:
     score_streams(address, warm_up(sequences), TOP_K, STREAMS)
     passes = {
         "server": lambda: score_streams(address, sequences, TOP_K, STREAMS).seconds,
@@ -90,7 +100,7 @@ def p3_rounds(address: str, http_port: int, inprocess: InProcessEngine, sequence
     }
     names = list(passes)
     for r in range(repeats):
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % 3 :] + names[: r % 3]:
             data.seconds[name].append(passes[name]())
 
 
@@ -101,9 +111,15 @@ def p1(data: TeacherData) -> dict:
     http = sum(len(b) for b in data.bodies)
     per = {k: v / positions for k, v in ours.items() if k != "chunks"}
     return {
-        "positions": positions, "sequences": len(data.recorded.results), "top_k": TOP_K, "wire_dtype": "float16",
-        "packed_minimum_B": minimum, "chunks": ours["chunks"],
-        "ours_payload_B": per["payload"], "ours_message_B": per["messages"], "ours_framed_B": per["messages_framed"],
+        "positions": positions,
+        "sequences": len(data.recorded.results),
+        "top_k": TOP_K,
+        "wire_dtype": "float16",
+        "packed_minimum_B": minimum,
+        "chunks": ours["chunks"],
+        "ours_payload_B": per["payload"],
+        "ours_message_B": per["messages"],
+        "ours_framed_B": per["messages_framed"],
         "vllm_json_B": http / positions,
         "ours_vs_minimum": per["messages_framed"] / minimum,
         "json_vs_ours": (http / positions) / per["messages_framed"],
@@ -123,10 +139,13 @@ def p2(data: TeacherData, sequences, repeats: int) -> dict:
     positions = data.recorded.positions
     ours_m, json_m = summarize(ours_s), summarize(json_s)
     return {
-        "positions": positions, "ours_s": ours_m, "json_s": json_m,
+        "positions": positions,
+        "ours_s": ours_m,
+        "json_s": json_m,
         "ours_ns_per_position": 1e9 * ours_m["median"] / positions,
         "json_ns_per_position": 1e9 * json_m["median"] / positions,
-        "json_vs_ours": json_m["median"] / ours_m["median"], **agreement(ours, parsed),
+        "json_vs_ours": json_m["median"] / ours_m["median"],
+        **agreement(ours, parsed),
     }
 
 
@@ -142,8 +161,10 @@ def agreement(ours: list, parsed: list) -> dict:
 def p3(data: TeacherData, positions: int) -> dict:
     rates = {name: summarize([positions / s for s in seconds]) for name, seconds in data.seconds.items()}
     return {
-        "positions": positions, "streams": STREAMS,
-        "server_positions_per_s": rates["server"], "inprocess_positions_per_s": rates["inprocess"],
+        "positions": positions,
+        "streams": STREAMS,
+        "server_positions_per_s": rates["server"],
+        "inprocess_positions_per_s": rates["inprocess"],
         "vllm_serve_positions_per_s": rates["vllm_serve"],
         "server_vs_inprocess": rates["server"]["median"] / rates["inprocess"]["median"],
         "server_vs_vllm_serve": rates["server"]["median"] / rates["vllm_serve"]["median"],
@@ -173,9 +194,24 @@ def teacher_measures(report, out: Path, args, selected: set[str]) -> None:
             if "P4" in selected:
                 report.measure(["P4"], lambda: {"P4": _p4(out, args, teacher.address, p2_sequences, data)})
             if peer_measured:
-                report.measure(peer_measured, lambda: peer_passes(
-                    out, teacher_model, teacher.address, p2_sequences, p3_sequences, data, args.repeats,
-                    record=bool(selected & {"P1", "P2"}), p3="P3" in selected) or {}, "vllm serve + in-process")
+                report.measure(
+                    peer_measured,
+                    lambda: (
+                        peer_passes(
+                            out,
+                            teacher_model,
+                            teacher.address,
+                            p2_sequences,
+                            p3_sequences,
+                            data,
+                            args.repeats,
+                            record=bool(selected & {"P1", "P2"}),
+                            p3="P3" in selected,
+                        )
+                        or {}
+                    ),
+                    "vllm serve + in-process",
+                )
         return {}
 
     report.measure(teacher_measured, with_our_server, "our teacher server")

@@ -28,27 +28,51 @@ from pathlib import Path
 
 from tests.bench.bench_common import ROOT, TRAINER_CPU_CONFIG, summarize
 
+
 def trainer_command(run_dir: Path, address: str, student: Path, steps: int, *overrides: str) -> list[str]:
     from common.teacher_process import free_port
 
     phases = f"phases=[{{name: main, lr: 0.002, epochs: 100, warmup_steps: 0, max_steps: {steps}}}]"
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "trainer", "--config", str(TRAINER_CPU_CONFIG),
-        f"student.path={student}", f"teacher.addresses=[{address}]", f"run_dir={run_dir}",
-        f"checkpoint.dir={run_dir / 'checkpoints'}", "checkpoint.every_steps=1000000", "metrics.port=0",
-        "wandb.mode=disabled", "eval.held_out=0", f"data.cache_dir={ROOT / '.cache/data'}", phases, *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "trainer",
+        "--config",
+        str(TRAINER_CPU_CONFIG),
+        f"student.path={student}",
+        f"teacher.addresses=[{address}]",
+        f"run_dir={run_dir}",
+        f"checkpoint.dir={run_dir / 'checkpoints'}",
+        "checkpoint.every_steps=1000000",
+        "metrics.port=0",
+        "wandb.mode=disabled",
+        "eval.held_out=0",
+        f"data.cache_dir={ROOT / '.cache/data'}",
+        phases,
+        *overrides,
     ]
 
 
-def run_trainer(run_dir: Path, address: str, student: Path, steps: int, *overrides: str,
-                timeout: float = 1800) -> list[dict]:
+def run_trainer(
+    run_dir: Path, address: str, student: Path, steps: int, *overrides: str, timeout: float = 1800
+) -> list[dict]:
     """One trainer run; returns its per-step records from ``log.jsonl``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "trainer.log"
     with open(log, "w") as out:
-        code = subprocess.call(trainer_command(run_dir, address, student, steps, *overrides), stdout=out,
-                               stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout)
+        code = subprocess.call(
+            trainer_command(run_dir, address, student, steps, *overrides),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            timeout=timeout,
+        )
     if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"trainer run in {run_dir} exited with {code}\n{tail}")
@@ -71,6 +95,7 @@ def training_sequences() -> list:
 
 def run_summary(records: list[dict]) -> dict:
     """Wait share over all steps and over steps 2+, and per-step medians (rank 0)."""
+
     def share(rs):
         return sum(r["teacher_wait_s"] for r in rs) / sum(r["step_s"] for r in rs) if rs else None
 
@@ -124,15 +149,18 @@ def run(out: Path, steps: int, teacher_address: str, teacher_positions_per_s: fl
     prefetch = yaml.safe_load(TRAINER_CPU_CONFIG.read_text())["teacher"]["prefetch_batches"]
     runs = {
         "prefetch_on": run_trainer(out / "p4_prefetch_on", teacher_address, student, steps),
-        "prefetch_off": run_trainer(out / "p4_prefetch_off", teacher_address, student, steps,
-                                    "teacher.prefetch_batches=0"),
+        "prefetch_off": run_trainer(
+            out / "p4_prefetch_off", teacher_address, student, steps, "teacher.prefetch_batches=0"
+        ),
     }
     with ReplayProcess(records, free_port(), out / "p4_replay_teacher.log") as replay:
         runs["replay"] = run_trainer(out / "p4_replay", replay.address, student, steps)
     summaries = {name: run_summary(records) for name, records in runs.items()}
     tokens = statistics.median(s["tokens_per_step"] for s in summaries.values())
     return {
-        "steps_per_run": steps, "prefetch_batches_on": prefetch, "runs": summaries,
+        "steps_per_run": steps,
+        "prefetch_batches_on": prefetch,
+        "runs": summaries,
         "tokens_per_step": tokens,
         "teacher_positions_per_s_alone": teacher_positions_per_s,
         "teacher_compute_per_step_s": tokens / teacher_positions_per_s,

@@ -39,14 +39,32 @@ class VllmServe:
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", str(engine["dtype"]), "--max-logprobs", str(max_top_k),
-            "--max-model-len", str(engine["max_model_len"]),
-            "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
-            "--max-num-seqs", str(engine["max_num_seqs"]),
-            "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"]),
-            "--no-enable-prefix-caching", "--disable-uvicorn-access-log", "--disable-log-stats",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            SERVED_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            str(engine["dtype"]),
+            "--max-logprobs",
+            str(max_top_k),
+            "--max-model-len",
+            str(engine["max_model_len"]),
+            "--max-num-batched-tokens",
+            str(engine["max_num_batched_tokens"]),
+            "--max-num-seqs",
+            str(engine["max_num_seqs"]),
+            "--kv-cache-memory-bytes",
+            str(engine["kv_cache_memory_bytes"]),
+            "--no-enable-prefix-caching",
+            "--disable-uvicorn-access-log",
+            "--disable-log-stats",
             *(["--enforce-eager"] if engine.get("enforce_eager") else []),
         ]
         self.proc: subprocess.Popen | None = None
@@ -55,8 +73,9 @@ class VllmServe:
         """Start without waiting (``__enter__`` then waits), so other servers can load meanwhile."""
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+            )
         return self
 
     def __enter__(self) -> VllmServe:
@@ -101,8 +120,7 @@ class VllmServe:
 
 def complete(port: int, token_ids: np.ndarray, top_k: int) -> bytes:
     """One sequence's prompt log-probs: the raw HTTP response body (JSON)."""
-    body = json.dumps({"model": SERVED_NAME, "prompt": token_ids.tolist(), "max_tokens": 1,
-                       "prompt_logprobs": top_k})
+    body = json.dumps({"model": SERVED_NAME, "prompt": token_ids.tolist(), "max_tokens": 1, "prompt_logprobs": top_k})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     try:
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})

@@ -32,14 +32,22 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmarks of issue 7: P1-P6 into a JSON and a Markdown report.")
     parser.add_argument("--out", default="runs/bench", help="output directory (report.json, report.md, logs)")
     parser.add_argument("--only", default=",".join(MEASURES), help="comma-separated measures to run, e.g. P1,P5")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed repetitions of P2, P3 and P6 (P4's samples are its steps, P5 has --p5-repeats)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed repetitions of P2, P3 and P6 (P4's samples are its steps, P5 has --p5-repeats)",
+    )
     parser.add_argument("--p2-positions", type=int, default=32768, help="positions of the P1/P2 pass")
     parser.add_argument("--p3-positions", type=int, default=8192, help="positions of each P3 pass")
     parser.add_argument("--p4-steps", type=int, default=4, help="optimizer steps per P4 trainer run (3 runs)")
     parser.add_argument("--p5-positions", type=int, default=8192, help="T of the P5 losses")
-    parser.add_argument("--p5-repeats", type=int, default=1,
-                        help="P5 forward+backward repetitions (~1 min each at T=8k here; the peak memory is exact)")
+    parser.add_argument(
+        "--p5-repeats",
+        type=int,
+        default=1,
+        help="P5 forward+backward repetitions (~1 min each at T=8k here; the peak memory is exact)",
+    )
     args = parser.parse_args()
     args.selected = [m.strip().upper() for m in args.only.split(",") if m.strip()]
     unknown = sorted(set(args.selected) - set(MEASURES))
@@ -53,9 +61,14 @@ class Report:
 
     def __init__(self, out: Path, args: argparse.Namespace):
         self.out = out
-        self.data = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": _command(args),
-                     "settings": {k: v for k, v in vars(args).items() if k not in ("only",)},
-                     "machine": machine_info(), "measures": {}, "errors": {}}
+        self.data = {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": _command(args),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("only",)},
+            "machine": machine_info(),
+            "measures": {},
+            "errors": {},
+        }
 
     def measure(self, names: list[str], fn, label: str | None = None) -> None:
         """Run ``fn()`` -> {measure: result}; on failure record the error under each of ``names``."""

@@ -119,38 +119,80 @@ def _cases() -> list[Case]:
         return OK, ""
 
     return [
-        Case("id >= vocab", inv, ("token_ids", "vocabulary"),
-             one(lambda r, lim: _with_id(r, lim, r.randint(lim.vocab_size, 2**31 - 1)))),
-        Case("negative id", inv, ("token_ids", "vocabulary"), one(lambda r, lim: _with_id(r, lim, -r.randint(1, 2**31)))),
-        Case("ragged bytes", inv, ("token_ids",),
-             one(lambda r, lim: pb.ScoreRequest(request_id="x", top_k=1, token_ids=_garbage(r, ragged=True)))),
-        Case("garbage id bytes", inv, ("token_ids",),
-             one(lambda r, lim: pb.ScoreRequest(request_id="x", top_k=1, token_ids=_garbage(r, vocab=lim.vocab_size)))),
-        Case("empty token_ids", inv, ("token_ids", "at least 2"),
-             one(lambda r, lim: _request(r, lim, np.zeros(0, np.int32)))),
+        Case(
+            "id >= vocab",
+            inv,
+            ("token_ids", "vocabulary"),
+            one(lambda r, lim: _with_id(r, lim, r.randint(lim.vocab_size, 2**31 - 1))),
+        ),
+        Case(
+            "negative id", inv, ("token_ids", "vocabulary"), one(lambda r, lim: _with_id(r, lim, -r.randint(1, 2**31)))
+        ),
+        Case(
+            "ragged bytes",
+            inv,
+            ("token_ids",),
+            one(lambda r, lim: pb.ScoreRequest(request_id="x", top_k=1, token_ids=_garbage(r, ragged=True))),
+        ),
+        Case(
+            "garbage id bytes",
+            inv,
+            ("token_ids",),
+            one(lambda r, lim: pb.ScoreRequest(request_id="x", top_k=1, token_ids=_garbage(r, vocab=lim.vocab_size))),
+        ),
+        Case(
+            "empty token_ids",
+            inv,
+            ("token_ids", "at least 2"),
+            one(lambda r, lim: _request(r, lim, np.zeros(0, np.int32))),
+        ),
         Case("one token", inv, ("token_ids", "at least 2"), one(lambda r, lim: _request(r, lim, _ids(r, lim, 1)))),
-        Case("over max_model_len", inv, ("token_ids", "max_model_len"),
-             one(lambda r, lim: _request(r, lim, np.ones(lim.max_model_len + r.randint(1, 200), np.int32)))),
-        Case("over max_request_bytes", grpc.StatusCode.RESOURCE_EXHAUSTED, ("larger than max",),
-             one(lambda r, lim: _request(r, lim, np.ones(lim.max_request_bytes // 4 + r.randint(300, 5000), np.int32)))),
+        Case(
+            "over max_model_len",
+            inv,
+            ("token_ids", "max_model_len"),
+            one(lambda r, lim: _request(r, lim, np.ones(lim.max_model_len + r.randint(1, 200), np.int32))),
+        ),
+        Case(
+            "over max_request_bytes",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ("larger than max",),
+            one(lambda r, lim: _request(r, lim, np.ones(lim.max_request_bytes // 4 + r.randint(300, 5000), np.int32))),
+        ),
         Case("top_k 0", inv, ("top_k", "[1,"), one(lambda r, lim: _request(r, lim, top_k=0))),
-        Case("top_k > max", inv, ("top_k", "[1,"),
-             one(lambda r, lim: _request(r, lim, top_k=r.randint(lim.max_top_k + 1, 10**6)))),
+        Case(
+            "top_k > max",
+            inv,
+            ("top_k", "[1,"),
+            one(lambda r, lim: _request(r, lim, top_k=r.randint(lim.max_top_k + 1, 10**6))),
+        ),
         Case("top_k uint32 max", inv, ("top_k", "[1,"), one(lambda r, lim: _request(r, lim, top_k=2**32 - 1))),
         Case("empty request_id", inv, ("request_id", "256"), one(lambda r, lim: _request(r, lim, request_id=""))),
-        Case("huge request_id", inv, ("request_id", "256"),
-             one(lambda r, lim: _request(r, lim, request_id="x" * r.randint(257, 20000)))),
+        Case(
+            "huge request_id",
+            inv,
+            ("request_id", "256"),
+            one(lambda r, lim: _request(r, lim, request_id="x" * r.randint(257, 20000))),
+        ),
         Case("duplicate id in flight", inv, ("request_id", "already in flight"), duplicate),
         Case("raw bytes to Score", inv, ("not a valid", "ScoreRequest"), lambda ch, r, lim: _score(ch, [_garbage(r)])),
         Case("raw bytes to GetInfo", inv, ("not a valid", "GetInfoRequest"), raw_getinfo),
         Case("unknown fields", OK, (), one(lambda r, lim: _raw(_request(r, lim)) + _unknown_field(r))),
         # Strict priority: a request with a large value waits for every lower one admitted meanwhile.
-        Case("any priority", OK, (),
-             lambda ch, r, lim: _score(ch, [_request(r, lim, priority=r.randint(-2**63, 2**63 - 1))], timeout=600)),
+        Case(
+            "any priority",
+            OK,
+            (),
+            lambda ch, r, lim: _score(ch, [_request(r, lim, priority=r.randint(-(2**63), 2**63 - 1))], timeout=600),
+        ),
         Case("half-closed stream", OK, (), _half_closed),
         Case("cancel mid-stream", grpc.StatusCode.CANCELLED, (), _cancel_mid_stream),
-        Case("tiny deadline", grpc.StatusCode.DEADLINE_EXCEEDED, (),
-             lambda ch, r, lim: _score(ch, [_request(r, lim, _ids(r, lim, 256))], timeout=r.uniform(1e-3, 0.03))),
+        Case(
+            "tiny deadline",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            (),
+            lambda ch, r, lim: _score(ch, [_request(r, lim, _ids(r, lim, 256))], timeout=r.uniform(1e-3, 0.03)),
+        ),
     ]
 
 
@@ -184,7 +226,9 @@ def _varint(value: int) -> bytes:
 async def _half_closed(channel, rng, limits):
     """Write N requests, close the sending side, read: every request answered, then OK."""
     requests = [_request(rng, limits, request_id=f"h{i}") for i in range(rng.randint(1, 6))]
-    call = channel.stream_stream(SERVICE + "Score", request_serializer=_raw, response_deserializer=pb.ScoreChunk.FromString)()
+    call = channel.stream_stream(
+        SERVICE + "Score", request_serializer=_raw, response_deserializer=pb.ScoreChunk.FromString
+    )()
     for request in requests:
         await call.write(request)
     await call.done_writing()
@@ -199,8 +243,9 @@ async def _half_closed(channel, rng, limits):
 
 async def _cancel_mid_stream(channel, rng, limits):
     requests = [_request(rng, limits, _ids(rng, limits, 256), request_id=f"c{i}") for i in range(8)]
-    call = channel.stream_stream(SERVICE + "Score", request_serializer=_raw, response_deserializer=pb.ScoreChunk.FromString)(
-        iter(requests))
+    call = channel.stream_stream(
+        SERVICE + "Score", request_serializer=_raw, response_deserializer=pb.ScoreChunk.FromString
+    )(iter(requests))
     async for _ in call:
         call.cancel()
         break
@@ -213,8 +258,9 @@ async def reference_answer(channel, limits: Limits) -> bytes:
     """The reference request's assembled answer as bytes (ids, log-probs, targets)."""
     ids = np.arange(2, 2 + min(96, limits.max_model_len), dtype=np.int32) % limits.vocab_size
     request = pb.ScoreRequest(request_id="reference", token_ids=pack_token_ids(ids), top_k=limits.max_top_k)
-    call = channel.stream_stream(SERVICE + "Score", request_serializer=_raw, response_deserializer=pb.ScoreChunk.FromString)(
-        iter([request]), timeout=60)
+    call = channel.stream_stream(
+        SERVICE + "Score", request_serializer=_raw, response_deserializer=pb.ScoreChunk.FromString
+    )(iter([request]), timeout=60)
     assembler = TopKAssembler(len(ids) - 1, limits.max_top_k)
     async for chunk in call:
         assembler.add(chunk)
@@ -228,10 +274,12 @@ async def run_bad_input(address: str, total: int = 1000, seed: int = 0, concurre
     rng = random.Random(seed)
     cases = _cases()
     outcomes = {case.name: Outcome() for case in cases}
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20),
-                                                           ("grpc.max_send_message_length", 64 << 20)]) as channel:
-        info = await channel.unary_unary(SERVICE + "GetInfo", request_serializer=_raw,
-                                         response_deserializer=pb.TeacherInfo.FromString)(pb.GetInfoRequest())
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
+        info = await channel.unary_unary(
+            SERVICE + "GetInfo", request_serializer=_raw, response_deserializer=pb.TeacherInfo.FromString
+        )(pb.GetInfoRequest())
         limits = Limits(info.vocab_size, info.max_model_len, info.max_top_k, info.max_request_bytes)
         before = await reference_answer(channel, limits)
         queue = [(cases[i % len(cases)], random.Random(rng.randrange(2**32))) for i in range(total)]
@@ -262,6 +310,8 @@ def format_bad_input(result: dict) -> str:
     sent = sum(o.sent for o in result["outcomes"].values())
     good = sum(o.expected for o in result["outcomes"].values())
     masked = sum(o.masked for o in result["outcomes"].values())
-    rows.append(f"{'total':<26} {sent:>5} {good:>14} {masked:>14}  reference answer bit-identical after: "
-                f"{result['reference_identical']}")
+    rows.append(
+        f"{'total':<26} {sent:>5} {good:>14} {masked:>14}  reference answer bit-identical after: "
+        f"{result['reference_identical']}"
+    )
     return "\n".join(rows)

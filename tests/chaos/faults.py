@@ -82,19 +82,34 @@ class FaultBench:
 
     def teacher(self, name: str, port: int | None = None) -> TeacherProcess:
         """A (not yet started) bitwise-reproducible teacher, its log in ``work/<name>.log``."""
-        return TeacherProcess(TEACHER_CONFIG, [f"engine.model={self.models.teacher}", *TEACHER_OVERRIDES],
-                              log_path=self.work / f"{name}.log", port=port)
+        return TeacherProcess(
+            TEACHER_CONFIG,
+            [f"engine.model={self.models.teacher}", *TEACHER_OVERRIDES],
+            log_path=self.work / f"{name}.log",
+            port=port,
+        )
 
     def launch(self, run_dir: Path, addresses: list[str], name: str) -> Launch:
         """Start torchrun, its output in ``work/<name>.log``."""
-        phases = (f"phases=[{{name: main, lr: 0.002, epochs: {self.steps}, max_samples: 8, max_steps: {self.steps}, "
-                  "warmup_steps: 1, min_lr_ratio: 0.1}]")
+        phases = (
+            f"phases=[{{name: main, lr: 0.002, epochs: {self.steps}, max_samples: 8, max_steps: {self.steps}, "
+            "warmup_steps: 1, min_lr_ratio: 0.1}]"
+        )
         command = trainer_command(
-            run_dir, ", ".join(addresses), self.models, self.work / "data", phases,
-            f"data.source={self.source}", "data.max_length=384", "data.token_budget=384",
-            f"checkpoint.every_steps={self.every_steps}", f"checkpoint.keep_last={self.keep_last}",
+            run_dir,
+            ", ".join(addresses),
+            self.models,
+            self.work / "data",
+            phases,
+            f"data.source={self.source}",
+            "data.max_length=384",
+            "data.token_budget=384",
+            f"checkpoint.every_steps={self.every_steps}",
+            f"checkpoint.keep_last={self.keep_last}",
             # One batch ahead: a teacher killed mid-step is usually scoring; short backoff: restarts cost less.
-            "teacher.prefetch_batches=1", "teacher.backoff_max_seconds=2")
+            "teacher.prefetch_batches=1",
+            "teacher.backoff_max_seconds=2",
+        )
         log = self.work / f"{name}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -189,8 +204,11 @@ class CheckpointWatch:
 
     def partial(self) -> list[str]:
         """The ``.tmp`` directories now, with `` (.metadata)`` when DCP had finished writing into one."""
-        return sorted(e.name + (" (.metadata)" if os.path.exists(os.path.join(e.path, ".metadata")) else "")
-                      for e in self._steps() if e.name.endswith(".tmp"))
+        return sorted(
+            e.name + (" (.metadata)" if os.path.exists(os.path.join(e.path, ".metadata")) else "")
+            for e in self._steps()
+            if e.name.endswith(".tmp")
+        )
 
     def writing_since(self, since: float) -> bool:
         """A ``.tmp`` directory holds a file written at or after ``since`` (time.time()): a save
@@ -230,14 +248,17 @@ def compare_logs(run_dir: Path, reference: Path, resumed: list[int], ends: list[
     for name, records in _records(run_dir).items():
         start = 0
         for first, end in zip(resumed, ends):
-            steps = [step for step, _ in records[start:end[name]]]
+            steps = [step for step, _ in records[start : end[name]]]
             if steps != list(range(first + 1, first + 1 + len(steps))):
                 problems.append(f"{name}: resumed at step {first}, then logged steps {steps}")
             start = end[name]
         if not records or records[-1][0] != max(want[name]):
             problems.append(f"{name}: the last step logged is {records[-1:]}, not {max(want[name])}")
-        problems += [f"{name}: step {step} differs from the reference" for step, value in records
-                     if value != want[name].get(step)]
+        problems += [
+            f"{name}: step {step} differs from the reference"
+            for step, value in records
+            if value != want[name].get(step)
+        ]
         if name.startswith("rank"):
             batches += len(records)
             distinct += len({step for step, _ in records})
@@ -274,12 +295,15 @@ def teacher_kill_plan(rng: random.Random, steps: int, restarts: int, lost: bool)
     Kills arm at steps 1 .. steps - 3, so the trainer still asks the teacher for batches after each."""
     points = sorted(rng.randint(1, steps - 3) for _ in range(restarts + lost))
     replicas = [1] * lost + [0] * restarts
-    return [TeacherKill(step, rng.uniform(0, STEP_SECONDS), replica, replica == 0)
-            for step, replica in zip(points, replicas)]
+    return [
+        TeacherKill(step, rng.uniform(0, STEP_SECONDS), replica, replica == 0)
+        for step, replica in zip(points, replicas)
+    ]
 
 
-def run_teacher_faults(bench: FaultBench, reference: Path, name: str, replicas: int, restarts: int,
-                       lost: bool, seed: int) -> dict:
+def run_teacher_faults(
+    bench: FaultBench, reference: Path, name: str, replicas: int, restarts: int, lost: bool, seed: int
+) -> dict:
     """R2: one training run while teachers are killed as planned; compared with ``reference``.
     ``name`` (no spaces) names the scenario, its run directory and logs."""
     plan = teacher_kill_plan(random.Random(seed), bench.steps, restarts, lost)
@@ -310,17 +334,27 @@ def run_teacher_faults(bench: FaultBench, reference: Path, name: str, replicas: 
         for teacher in everyone:
             teacher.stop()
     ends = {key: len(records) for key, records in _records(run_dir).items()}
-    points = [f"step {k.after_step} +{k.delay:.1f} s" + ("" if k.restart else f" (replica {k.replica}, for good)")
-              for k in done]
-    return {"scenario": f"R2 {name}", "planned": len(plan), "kills": len(done), "points": points,
-            "restarts": sum(k.restart for k in done), "exit_code": code, "resubmitted": launch.resubmitted(),
-            **compare_logs(run_dir, reference, [0], [ends]),
-            "weights_equal": code == 0 and final_weights_equal(run_dir, reference, bench.steps),
-            "log": str(launch.log)}
+    points = [
+        f"step {k.after_step} +{k.delay:.1f} s" + ("" if k.restart else f" (replica {k.replica}, for good)")
+        for k in done
+    ]
+    return {
+        "scenario": f"R2 {name}",
+        "planned": len(plan),
+        "kills": len(done),
+        "points": points,
+        "restarts": sum(k.restart for k in done),
+        "exit_code": code,
+        "resubmitted": launch.resubmitted(),
+        **compare_logs(run_dir, reference, [0], [ends]),
+        "weights_equal": code == 0 and final_weights_equal(run_dir, reference, bench.steps),
+        "log": str(launch.log),
+    }
 
 
-def _kill_trigger(kind: str, rng: random.Random, bench: FaultBench, launch: Launch,
-                  watch: CheckpointWatch) -> Callable[[], bool]:
+def _kill_trigger(
+    kind: str, rng: random.Random, bench: FaultBench, launch: Launch, watch: CheckpointWatch
+) -> Callable[[], bool]:
     """When to kill, once a complete checkpoint exists (so that the restart has one to resume from):
     ``checkpoint``: as soon as this invocation has written a file of a checkpoint; ``random``: a
     random time (up to STEP_SECONDS) after its 1st .. (every_steps + 1)-th step."""
@@ -333,11 +367,13 @@ def _kill_trigger(kind: str, rng: random.Random, bench: FaultBench, launch: Laun
         if not armed and launch.steps() >= after_steps and complete_checkpoints(directory):
             armed.append(time.monotonic())
         return bool(armed) and time.monotonic() - armed[0] >= delay
+
     return fire
 
 
-def run_trainer_crashes(bench: FaultBench, reference: Path, address: str, kills: int, mid_checkpoint: int,
-                        seed: int) -> dict:
+def run_trainer_crashes(
+    bench: FaultBench, reference: Path, address: str, kills: int, mid_checkpoint: int, seed: int
+) -> dict:
     """R3: SIGKILL the trainer ``kills`` times (``mid_checkpoint`` of them while it writes a
     checkpoint), restarting it each time; compared with ``reference``."""
     rng = random.Random(seed)
@@ -364,13 +400,24 @@ def run_trainer_crashes(bench: FaultBench, reference: Path, address: str, kills:
     code = launches[-1].wait()
     resumed, problems = _check_resumes(launches, events)
     logs = compare_logs(run_dir, reference, resumed, ends)
-    return {"scenario": "R3 trainer-kills", "planned": kills, "kills": len(events), "restarts": len(launches) - 1,
-            "exit_code": code, "points": [e["point"] for e in events],
-            "mid_checkpoint": sum(bool(e["partial"]) for e in events), "planned_mid_checkpoint": mid_checkpoint,
-            "resumed": resumed[1:], **logs, "problems": logs["problems"] + problems,
-            "weights_equal": code == 0 and final_weights_equal(run_dir, reference, bench.steps),
-            "max_dirs": watch.most, "keep_last": bench.keep_last, "polls": watch.polls,
-            "log": str(launches[-1].log)}
+    return {
+        "scenario": "R3 trainer-kills",
+        "planned": kills,
+        "kills": len(events),
+        "restarts": len(launches) - 1,
+        "exit_code": code,
+        "points": [e["point"] for e in events],
+        "mid_checkpoint": sum(bool(e["partial"]) for e in events),
+        "planned_mid_checkpoint": mid_checkpoint,
+        "resumed": resumed[1:],
+        **logs,
+        "problems": logs["problems"] + problems,
+        "weights_equal": code == 0 and final_weights_equal(run_dir, reference, bench.steps),
+        "max_dirs": watch.most,
+        "keep_last": bench.keep_last,
+        "polls": watch.polls,
+        "log": str(launches[-1].log),
+    }
 
 
 def _check_resumes(launches: list[Launch], events: list[dict]) -> tuple[list[int], list[str]]:
@@ -382,8 +429,10 @@ def _check_resumes(launches: list[Launch], events: list[dict]) -> tuple[list[int
     for index, (launch, event) in enumerate(zip(launches[1:], events), start=1):
         paths = set(launch.resumed_from().values())
         if len(launch.resumed_from()) != RANKS or paths != {event["newest"]}:
-            problems.append(f"restart {index} resumed from {launch.resumed_from()} (newest complete "
-                            f"checkpoint at the kill: {event['newest']}, partial: {event['partial']})")
+            problems.append(
+                f"restart {index} resumed from {launch.resumed_from()} (newest complete "
+                f"checkpoint at the kill: {event['newest']}, partial: {event['partial']})"
+            )
         resumed.append(int(Path(event["newest"] or "step_0").name.removeprefix("step_")))
     return resumed, problems
 
@@ -392,18 +441,27 @@ def fault_ok(result: dict) -> bool:
     """Every planned kill happened, the run ended well and trained exactly the reference's batches
     into bit-equal weights; for R3 also: each restart resumed from the newest complete checkpoint,
     a save was interrupted as often as planned, never more than keep_last + 1 step directories."""
-    ok = (result["kills"] == result["planned"] and result["exit_code"] == 0 and not result["problems"]
-          and result["weights_equal"])
+    ok = (
+        result["kills"] == result["planned"]
+        and result["exit_code"] == 0
+        and not result["problems"]
+        and result["weights_equal"]
+    )
     if "max_dirs" in result:
-        ok = (ok and result["mid_checkpoint"] >= result["planned_mid_checkpoint"]
-              and result["max_dirs"] <= result["keep_last"] + 1)
+        ok = (
+            ok
+            and result["mid_checkpoint"] >= result["planned_mid_checkpoint"]
+            and result["max_dirs"] <= result["keep_last"] + 1
+        )
     return ok
 
 
 def format_faults(results: list[dict]) -> str:
     """The table of counts, one row per scenario (problems found under it), then a legend."""
-    rows = [f"{'scenario':<30} {'kills':>5} {'restarts':>8} {'mid-ckpt':>8} {'retried':>7}  {'resumed from steps':<18} "
-            f"{'batches (again)':>15} {'weights equal':>13} {'max ckpt dirs':>13}"]
+    rows = [
+        f"{'scenario':<30} {'kills':>5} {'restarts':>8} {'mid-ckpt':>8} {'retried':>7}  {'resumed from steps':<18} "
+        f"{'batches (again)':>15} {'weights equal':>13} {'max ckpt dirs':>13}"
+    ]
     for r in results:
         r3 = "max_dirs" in r
         dirs = f"{r['max_dirs']} (<= {r['keep_last'] + 1})" if r3 else "-"
@@ -411,13 +469,16 @@ def format_faults(results: list[dict]) -> str:
         rows.append(
             f"{r['scenario']:<30} {r['kills']:>5} {r['restarts']:>8} {r['mid_checkpoint'] if r3 else '-':>8} "
             f"{r.get('resubmitted', '-'):>7}  {resumed:<18} {batches:>15} "
-            f"{'yes' if r['weights_equal'] else 'NO':>13} {dirs:>13}  -> {'ok' if fault_ok(r) else 'FAILED'}")
+            f"{'yes' if r['weights_equal'] else 'NO':>13} {dirs:>13}  -> {'ok' if fault_ok(r) else 'FAILED'}"
+        )
         rows.append(f"    kills after: {', '.join(r['points'])}")
         rows += [f"    {problem}" for problem in r["problems"][:10]]
         if r["exit_code"] != 0:
             rows.append(f"    trainer exit code {r['exit_code']}: {r['log']}")
-    rows.append("mid-ckpt: kills that left a step_N.tmp; retried: teacher requests the trainer resubmitted; batches: "
-                "micro-batches compared with the uninterrupted run (again: trained again after a restart)")
+    rows.append(
+        "mid-ckpt: kills that left a step_N.tmp; retried: teacher requests the trainer resubmitted; batches: "
+        "micro-batches compared with the uninterrupted run (again: trained again after a restart)"
+    )
     return "\n".join(rows)
 
 

@@ -55,10 +55,16 @@ def peak_rss_bytes(pid: int) -> int:
 
 
 def _requests(rng: random.Random, count: int, length: tuple[int, int], vocab: int, prefix: str) -> list:
-    return [pb.ScoreRequest(request_id=f"{prefix}-{i}", top_k=20,
-                            token_ids=pack_token_ids(np.array([rng.randrange(vocab) for _ in range(rng.randint(*length))],
-                                                              dtype=np.int32)))
-            for i in range(count)]
+    return [
+        pb.ScoreRequest(
+            request_id=f"{prefix}-{i}",
+            top_k=20,
+            token_ids=pack_token_ids(
+                np.array([rng.randrange(vocab) for _ in range(rng.randint(*length))], dtype=np.int32)
+            ),
+        )
+        for i in range(count)
+    ]
 
 
 async def _stream(stub, requests: list, window: int, latencies: list[float], statuses: Counter, timeout: float) -> int:
@@ -98,8 +104,9 @@ async def _stream(stub, requests: list, window: int, latencies: list[float], sta
     return len(set(admitted) - answered)
 
 
-async def run_load(address: str, pid: int, streams: int = 16, per_stream: int = 100, seed: int = 0,
-                   vocab: int = 151936) -> dict:
+async def run_load(
+    address: str, pid: int, streams: int = 16, per_stream: int = 100, seed: int = 0, vocab: int = 151936
+) -> dict:
     """R4: below the admission limit (window 2 per stream, <= 256 tokens: <= 8,192 positions), then
     far above it (every request of every stream at once, 1-2k tokens each)."""
     rng = random.Random(seed)
@@ -107,37 +114,56 @@ async def run_load(address: str, pid: int, streams: int = 16, per_stream: int = 
         stub = pb_grpc.TeacherServiceStub(channel)
         below_lat, below = [], Counter()
         start = time.perf_counter()
-        lost = await asyncio.gather(*(
-            _stream(stub, _requests(rng, per_stream, (16, 256), vocab, f"s{s}"), 2, below_lat, below, 600)
-            for s in range(streams)))
+        lost = await asyncio.gather(
+            *(
+                _stream(stub, _requests(rng, per_stream, (16, 256), vocab, f"s{s}"), 2, below_lat, below, 600)
+                for s in range(streams)
+            )
+        )
         below_seconds = time.perf_counter() - start
         above_lat, above = [], Counter()
-        lost_above = await asyncio.gather(*(
-            _stream(stub, _requests(rng, per_stream, (1024, 2048), vocab, f"a{s}"), per_stream, above_lat, above, 600)
-            for s in range(streams)))
+        lost_above = await asyncio.gather(
+            *(
+                _stream(
+                    stub, _requests(rng, per_stream, (1024, 2048), vocab, f"a{s}"), per_stream, above_lat, above, 600
+                )
+                for s in range(streams)
+            )
+        )
         after = Counter()
         await _stream(stub, _requests(rng, 1, (64, 64), vocab, "after"), 1, [], after, 60)
     return {
-        "streams": streams, "per_stream": per_stream, "below_answered": len(below_lat), "below_lost": sum(lost),
+        "streams": streams,
+        "per_stream": per_stream,
+        "below_answered": len(below_lat),
+        "below_lost": sum(lost),
         "below_statuses": dict(below),
-        "below_seconds": below_seconds, "p50_s": float(np.percentile(below_lat, 50)) if below_lat else None,
+        "below_seconds": below_seconds,
+        "p50_s": float(np.percentile(below_lat, 50)) if below_lat else None,
         "p99_s": float(np.percentile(below_lat, 99)) if below_lat else None,
-        "above_statuses": dict(above), "above_answered": len(above_lat), "above_lost": sum(lost_above),
+        "above_statuses": dict(above),
+        "above_answered": len(above_lat),
+        "above_lost": sum(lost_above),
         "served_after": after == Counter(OK=1),
         "peak_rss_bytes": peak_rss_bytes(pid),
     }
 
 
-async def run_sigterm_under_load(address: str, process, grace: float, streams: int = 4, seed: int = 0,
-                                 vocab: int = 151936) -> dict:
+async def run_sigterm_under_load(
+    address: str, process, grace: float, streams: int = 4, seed: int = 0, vocab: int = 151936
+) -> dict:
     """R5: SIGTERM while ``streams`` streams have requests in flight; ``process`` is the Popen."""
     rng = random.Random(seed)
     async with grpc.aio.insecure_channel(address, options=_OPTIONS) as channel:
         stub, health = pb_grpc.TeacherServiceStub(channel), health_pb2_grpc.HealthStub(channel)
         latencies, statuses = [], Counter()
         # <= 4 streams x 3 in flight x 256 tokens: below the admission limit, so only draining refuses.
-        tasks = [asyncio.create_task(_stream(stub, _requests(rng, 40, (128, 256), vocab, f"t{s}"), 3, latencies,
-                                             statuses, 600)) for s in range(streams)]
+        tasks = [
+            asyncio.create_task(
+                _stream(stub, _requests(rng, 40, (128, 256), vocab, f"t{s}"), 3, latencies, statuses, 600)
+            )
+            for s in range(streams)
+        ]
         while len(latencies) < streams:  # every stream has had answers: work is in flight
             await asyncio.sleep(0.05)
         process.send_signal(signal.SIGTERM)
@@ -154,6 +180,12 @@ async def run_sigterm_under_load(address: str, process, grace: float, streams: i
             await asyncio.sleep(0.01)
         lost = await asyncio.gather(*tasks)
     exit_code = await asyncio.to_thread(process.wait, grace + 60)
-    return {"not_serving_after_s": not_serving_after, "answered": len(latencies), "lost": sum(lost),
-            "statuses": dict(statuses),
-            "exit_code": exit_code, "exit_after_s": time.monotonic() - signalled, "grace_s": grace}
+    return {
+        "not_serving_after_s": not_serving_after,
+        "answered": len(latencies),
+        "lost": sum(lost),
+        "statuses": dict(statuses),
+        "exit_code": exit_code,
+        "exit_after_s": time.monotonic() - signalled,
+        "grace_s": grace,
+    }

@@ -32,16 +32,26 @@ GRACE_SECONDS = 60.0
 
 
 def teacher(engine: str, log_dir: Path, name: str) -> TeacherProcess:
-    overrides = [f"engine.model={ensure_tiny_models().teacher}", f"engine.kind={engine}",
-                 f"server.max_queued_positions={ADMISSION_LIMIT}", f"server.grace_seconds={GRACE_SECONDS}"]
+    overrides = [
+        f"engine.model={ensure_tiny_models().teacher}",
+        f"engine.kind={engine}",
+        f"server.max_queued_positions={ADMISSION_LIMIT}",
+        f"server.grace_seconds={GRACE_SECONDS}",
+    ]
     return TeacherProcess(CONFIG, overrides, log_path=log_dir / f"{name}.log")
 
 
 def r4_ok(result: dict) -> bool:
-    exhausted = all(key == "OK" or key.startswith("RESOURCE_EXHAUSTED") or key == CLIENT_MASKED
-                    for key in result["above_statuses"])
-    return (result["below_statuses"] == {"OK": result["streams"]} and result["below_lost"] == 0
-            and exhausted and result["above_lost"] == 0 and result["served_after"])
+    exhausted = all(
+        key == "OK" or key.startswith("RESOURCE_EXHAUSTED") or key == CLIENT_MASKED for key in result["above_statuses"]
+    )
+    return (
+        result["below_statuses"] == {"OK": result["streams"]}
+        and result["below_lost"] == 0
+        and exhausted
+        and result["above_lost"] == 0
+        and result["served_after"]
+    )
 
 
 def r5_ok(result: dict) -> bool:
@@ -50,34 +60,46 @@ def r5_ok(result: dict) -> bool:
     grpc.aio's client-side `CLIENT_MASKED` instead (grpc/grpc#36066, as in R4): accepted, and its
     requests are not counted (the client lost which one the server refused)."""
     drained = all(key == "OK" or key.startswith("UNAVAILABLE") or key == CLIENT_MASKED for key in result["statuses"])
-    return (result["not_serving_after_s"] is not None and result["not_serving_after_s"] < 1.0 and drained
-            and result["lost"] == 0 and result["exit_code"] == 0 and result["exit_after_s"] <= result["grace_s"] + 5)
+    return (
+        result["not_serving_after_s"] is not None
+        and result["not_serving_after_s"] < 1.0
+        and drained
+        and result["lost"] == 0
+        and result["exit_code"] == 0
+        and result["exit_after_s"] <= result["grace_s"] + 5
+    )
 
 
 def format_load(r4: dict, r5: dict) -> str:
     mib = r4["peak_rss_bytes"] / 2**20
-    return "\n".join([
-        f"R4 load: {r4['streams']} streams x {r4['per_stream']} requests, admission limit {ADMISSION_LIMIT} positions",
-        f"  below the limit: {r4['below_answered']} answered, {r4['below_lost']} lost, streams {r4['below_statuses']}, "
-        f"p50 {r4['p50_s'] * 1e3:.0f} ms, p99 {r4['p99_s'] * 1e3:.0f} ms, {r4['below_seconds']:.1f} s",
-        f"  far above it:    {r4['above_answered']} answered, {r4['above_lost']} lost, streams {r4['above_statuses']}",
-        f"  server peak RSS {mib:.0f} MiB; serving afterwards: {r4['served_after']}  -> {'ok' if r4_ok(r4) else 'FAILED'}",
-        f"R5 SIGTERM under load: NOT_SERVING after {r5['not_serving_after_s']} s, {r5['answered']} answered, "
-        f"{r5['lost']} lost, streams {r5['statuses']}, exit {r5['exit_code']} after {r5['exit_after_s']:.1f} s "
-        f"(grace {r5['grace_s']:.0f} s)  -> {'ok' if r5_ok(r5) else 'FAILED'}",
-    ])
+    return "\n".join(
+        [
+            f"R4 load: {r4['streams']} streams x {r4['per_stream']} requests, admission limit {ADMISSION_LIMIT} positions",
+            f"  below the limit: {r4['below_answered']} answered, {r4['below_lost']} lost, streams {r4['below_statuses']}, "
+            f"p50 {r4['p50_s'] * 1e3:.0f} ms, p99 {r4['p99_s'] * 1e3:.0f} ms, {r4['below_seconds']:.1f} s",
+            f"  far above it:    {r4['above_answered']} answered, {r4['above_lost']} lost, streams {r4['above_statuses']}",
+            f"  server peak RSS {mib:.0f} MiB; serving afterwards: {r4['served_after']}  -> {'ok' if r4_ok(r4) else 'FAILED'}",
+            f"R5 SIGTERM under load: NOT_SERVING after {r5['not_serving_after_s']} s, {r5['answered']} answered, "
+            f"{r5['lost']} lost, streams {r5['statuses']}, exit {r5['exit_code']} after {r5['exit_after_s']:.1f} s "
+            f"(grace {r5['grace_s']:.0f} s)  -> {'ok' if r5_ok(r5) else 'FAILED'}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm", help="teacher engine (default: %(default)s)")
+    parser.add_argument(
+        "--engine", choices=("vllm", "hf"), default="vllm", help="teacher engine (default: %(default)s)"
+    )
     parser.add_argument("--requests", type=int, default=1000, help="R1 generated requests (default: %(default)s)")
     parser.add_argument("--streams", type=int, default=16, help="R4 concurrent streams (default: %(default)s)")
     parser.add_argument("--per-stream", type=int, default=100, help="R4 requests per stream (default: %(default)s)")
-    parser.add_argument("--fault-steps", type=int, default=12,
-                        help="R2/R3 training steps per run (default: %(default)s)")
-    parser.add_argument("--kills", type=int, default=5,
-                        help="R2 teacher kills and R3 trainer kills (default: %(default)s)")
+    parser.add_argument(
+        "--fault-steps", type=int, default=12, help="R2/R3 training steps per run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--kills", type=int, default=5, help="R2 teacher kills and R3 trainer kills (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="generator and kill-point seed (default: %(default)s)")
     args = parser.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="chaos-"))
@@ -87,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         alive = server.proc.poll() is None
         internal = server_internal_errors(server.metrics_url)
     print(format_bad_input(r1))
-    print(f"server alive after R1 and R4: {alive}; requests the server answered INTERNAL: {internal:.0f} "
-          f"(a client-side '{CLIENT_MASKED}' is grpc/grpc#36066, counted apart)")
+    print(
+        f"server alive after R1 and R4: {alive}; requests the server answered INTERNAL: {internal:.0f} "
+        f"(a client-side '{CLIENT_MASKED}' is grpc/grpc#36066, counted apart)"
+    )
     doomed = teacher(args.engine, log_dir, "sigterm").start()
     try:
         doomed.wait_serving()
@@ -96,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         doomed.stop()
     print(format_load(r4, r5), flush=True)
-    faults = run_faults(FaultBench(work=log_dir / "faults", models=ensure_tiny_models(), steps=args.fault_steps),
-                        args.kills, args.seed)
+    faults = run_faults(
+        FaultBench(work=log_dir / "faults", models=ensure_tiny_models(), steps=args.fault_steps), args.kills, args.seed
+    )
     print(format_faults(faults))
     print(f"teacher and trainer logs: {log_dir}")
     r1_ok = all(o.expected + o.masked == o.sent for o in r1["outcomes"].values()) and r1["reference_identical"]

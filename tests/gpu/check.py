@@ -54,8 +54,12 @@ VOCAB_BPE = 151643  # ids below this are ordinary BPE tokens (no specials)
 DEFAULT_CONFIG = ROOT / "deploy/configs/trainer.h200.yaml"
 # CPU mode at tiny widths keeps the code path and shrinks the work: float32 (bf16 matmuls are slow on
 # CPU) and a small hypernetwork (the H200 one's ~19M parameters dominate a tiny student's step).
-CPU_OVERRIDES = ["student.dtype=float32", "hypernetwork.encoder_dim=64", "hypernetwork.encoder_heads=4",
-                 "hypernetwork.trunk_dim=64"]
+CPU_OVERRIDES = [
+    "student.dtype=float32",
+    "hypernetwork.encoder_dim=64",
+    "hypernetwork.encoder_heads=4",
+    "hypernetwork.trunk_dim=64",
+]
 STAMP = "gpu_check_stamp.json"
 
 
@@ -100,8 +104,13 @@ def write_student(model_dir: Path, config: dict, cpu: bool, shard_size: str) -> 
     from common.dirs import replace_dir
     from common.tiny_models import _save_model
 
-    key = {"config": config, "shard_size": shard_size, "transformers": transformers.__version__,
-           "torch": torch.__version__, "check": _file_digest(Path(__file__))}
+    key = {
+        "config": config,
+        "shard_size": shard_size,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "check": _file_digest(Path(__file__)),
+    }
     stamp = model_dir / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         print(f"[write] reusing {model_dir}", flush=True)
@@ -130,10 +139,12 @@ def write_student(model_dir: Path, config: dict, cpu: bool, shard_size: str) -> 
     seconds = time.perf_counter() - start
     size = _dir_bytes(model_dir)
     files = len(list(model_dir.glob("*.safetensors")))
-    print(f"[write] {params / 1e9:.2f}B params, {size / 2**30:.1f} GiB in {files} safetensors files, "
-          f"{seconds:.0f} s (init {built:.0f} s); sanity {sanity}", flush=True)
-    return {"reused": False, "bytes": size, "files": files, "params": params, "seconds": seconds,
-            "sanity": sanity}
+    print(
+        f"[write] {params / 1e9:.2f}B params, {size / 2**30:.1f} GiB in {files} safetensors files, "
+        f"{seconds:.0f} s (init {built:.0f} s); sanity {sanity}",
+        flush=True,
+    )
+    return {"reused": False, "bytes": size, "files": files, "params": params, "seconds": seconds, "sanity": sanity}
 
 
 def _sanity_forward(model, device) -> dict:
@@ -156,9 +167,11 @@ def _sanity_forward(model, device) -> dict:
             seen["router0_distinct_experts"] = int(indices.unique().numel())
 
     layers = model.model.layers
-    hooks = [layers[-1].register_forward_hook(record("residual_rms")),
-             layers[-1].mlp.register_forward_hook(record("moe_out_rms")),
-             model.model.embed_tokens.register_forward_hook(record("embed_rms"))]
+    hooks = [
+        layers[-1].register_forward_hook(record("residual_rms")),
+        layers[-1].mlp.register_forward_hook(record("moe_out_rms")),
+        model.model.embed_tokens.register_forward_hook(record("embed_rms")),
+    ]
     if hasattr(layers[0].mlp, "gate"):
         hooks.append(layers[0].mlp.gate.register_forward_hook(experts))
     ids = torch.randint(0, VOCAB_BPE, (1, 128), device=device)
@@ -226,10 +239,15 @@ def kernel_bindings(module, student=None) -> dict:
     if chunk is missing or chunk is None:
         chunk = getattr(module, "torch_chunk_gated_delta_rule", None)
     conv = module.__dict__.get("causal_conv1d_fn")
-    found = {"chunk_gated_delta_rule": name(chunk) if chunk is not None else "none",
-             "causal_conv1d_fn": name(conv) if conv is not None else "torch F.conv1d (no causal_conv1d_fn)"}
-    layer = None if student is None else next(
-        (m for m in student.modules() if type(m).__name__.endswith("GatedDeltaNet")), None)
+    found = {
+        "chunk_gated_delta_rule": name(chunk) if chunk is not None else "none",
+        "causal_conv1d_fn": name(conv) if conv is not None else "torch F.conv1d (no causal_conv1d_fn)",
+    }
+    layer = (
+        None
+        if student is None
+        else next((m for m in student.modules() if type(m).__name__.endswith("GatedDeltaNet")), None)
+    )
     if layer is not None:
         for attribute in ("chunk_gated_delta_rule", "causal_conv1d_fn"):
             bound = getattr(layer, attribute, missing)
@@ -301,24 +319,32 @@ def run_mode(args) -> None:
 
             chunk_o.TRITON_ABOVE_3_7_1 = True
             state["fla_triton_bypass"] = "fla #640 guard lifted: timings and memory only, gradients untrusted"
-    state.update(torch=torch.__version__, transformers=transformers.__version__,
-                 fla=fla_version if args.kernels == "fla" else None, import_seconds=time.perf_counter() - started)
+    state.update(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        fla=fla_version if args.kernels == "fla" else None,
+        import_seconds=time.perf_counter() - started,
+    )
     dist = init_distributed()
     cuda = dist.device.type == "cuda"
     state.update(device=torch.cuda.get_device_name(dist.device) if cuda else "cpu", world_size=dist.world_size)
     overrides = [
         f"student.path={args.model_dir}",
         f"student.require_fast_kernels={'true' if args.kernels == 'fla' else 'false'}",
-        "wandb.mode=disabled", "metrics.port=0",
-        f"run_dir={Path(args.result).parent / 'run'}", f"checkpoint.dir={Path(args.result).parent / 'ckpt'}",
+        "wandb.mode=disabled",
+        "metrics.port=0",
+        f"run_dir={Path(args.result).parent / 'run'}",
+        f"checkpoint.dir={Path(args.result).parent / 'ckpt'}",
         *(CPU_OVERRIDES if args.cpu and args.widths == "tiny" else []),
         *args.override,
     ]
     state["overrides"] = overrides
     try:
         cfg = load_config(TrainerConfig, args.config, overrides=overrides)
-        state["hypernetwork"] = {k: getattr(cfg.hypernetwork, k) for k in (
-            "kind", "rank", "alpha", "encoder_dim", "trunk_dim", "max_prompt_tokens", "targets")}
+        state["hypernetwork"] = {
+            k: getattr(cfg.hypernetwork, k)
+            for k in ("kind", "rank", "alpha", "encoder_dim", "trunk_dim", "max_prompt_tokens", "targets")
+        }
         save()
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(cfg.student.path, cfg.student.chat_template)
@@ -334,11 +360,17 @@ def run_mode(args) -> None:
     state["kernel_bindings"] = kernel_bindings(sys.modules[QWEN3_NEXT_MODULE], student)
     student_bytes = _param_bytes(student.parameters())
     hyper_bytes = _param_bytes(hyper.parameters())
-    state.update(param_bytes_student=student_bytes, param_bytes_hyper=hyper_bytes,
-                 allocated_after_build_bytes=torch.cuda.memory_allocated() if cuda else None)
-    print(f"[{args.kernels}] built in {state['build_seconds']:.0f} s on {state['device']}: student "
-          f"{student_bytes / 2**30:.1f} GiB, hypernetwork {hyper_bytes / 2**20:.0f} MiB; kernels "
-          f"{state['kernel_bindings']}", flush=True)
+    state.update(
+        param_bytes_student=student_bytes,
+        param_bytes_hyper=hyper_bytes,
+        allocated_after_build_bytes=torch.cuda.memory_allocated() if cuda else None,
+    )
+    print(
+        f"[{args.kernels}] built in {state['build_seconds']:.0f} s on {state['device']}: student "
+        f"{student_bytes / 2**30:.1f} GiB, hypernetwork {hyper_bytes / 2**20:.0f} MiB; kernels "
+        f"{state['kernel_bindings']}",
+        flush=True,
+    )
     save()
     if args.kernels == "fla" and not state["kernel_bindings"].get("fla_active"):
         error = f"flash-linear-attention is not what the DeltaNet layers call: {state['kernel_bindings']}"
@@ -348,8 +380,9 @@ def run_mode(args) -> None:
         return
 
     calls = _count_layer_calls(student)
-    optimizer = torch.optim.AdamW(hyper.parameters(), lr=cfg.phases[0].lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        hyper.parameters(), lr=cfg.phases[0].lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
     previous = None  # (tokens, measured seconds per step) of the last run that finished
     stop = None  # why the rest of this mode is skipped
     for tokens in args.tokens:
@@ -374,10 +407,13 @@ def run_mode(args) -> None:
         save()
         if run["ok"]:
             previous = (tokens, run["step_seconds"])
-            print(f"[{args.kernels}] T={tokens}: {run['step_seconds']:.2f} s/step, {run['tokens_per_s']:,.0f} tok/s, "
-                  f"peak {run['peak_allocated_bytes'] / 2**30:.1f} GiB allocated / "
-                  f"{run['peak_reserved_bytes'] / 2**30:.1f} GiB reserved, warm-up {run['warmup_seconds']:.1f} s, "
-                  f"loss {run['loss']:.4g}, layer calls/step {run['layer_calls_per_step']}", flush=True)
+            print(
+                f"[{args.kernels}] T={tokens}: {run['step_seconds']:.2f} s/step, {run['tokens_per_s']:,.0f} tok/s, "
+                f"peak {run['peak_allocated_bytes'] / 2**30:.1f} GiB allocated / "
+                f"{run['peak_reserved_bytes'] / 2**30:.1f} GiB reserved, warm-up {run['warmup_seconds']:.1f} s, "
+                f"loss {run['loss']:.4g}, layer calls/step {run['layer_calls_per_step']}",
+                flush=True,
+            )
             # The cap is on steady-state cost: the first warm-up's one-off compilation does not count.
             cost = run["step_seconds"] * (1 + args.steps)
             if args.run_cap and cost > args.run_cap:
@@ -400,14 +436,23 @@ def _run_one(args, cfg, dist, student, hyper, optimizer, calls, tokens: int, par
     from trainer.train import distill_loss
 
     cuda = dist.device.type == "cuda"
-    run = {"tokens": tokens, "kernels": args.kernels, "ok": False, "peak_allocated_bytes": 0,
-           "peak_reserved_bytes": 0, "param_bytes": param_bytes, "step_seconds": 0.0, "tokens_per_s": 0.0,
-           "error": None}
+    run = {
+        "tokens": tokens,
+        "kernels": args.kernels,
+        "ok": False,
+        "peak_allocated_bytes": 0,
+        "peak_reserved_bytes": 0,
+        "param_bytes": param_bytes,
+        "step_seconds": 0.0,
+        "tokens_per_s": 0.0,
+        "error": None,
+    }
     started = time.perf_counter()
     batch = teacher = None
     try:
-        batch, teacher = synthetic_inputs(tokens, min(PROMPT_TOKENS, tokens // 4), cfg.teacher.top_k, dist.device,
-                                          seed=tokens)
+        batch, teacher = synthetic_inputs(
+            tokens, min(PROMPT_TOKENS, tokens // 4), cfg.teacher.top_k, dist.device, seed=tokens
+        )
         num_tokens = float(teacher[2].sum())
         run["assistant_tokens"] = int(num_tokens)
         run["prompt_tokens"] = int(batch.prompt_ids.shape[1])
@@ -446,8 +491,9 @@ def _run_one(args, cfg, dist, student, hyper, optimizer, calls, tokens: int, par
         else:  # the process's peak RSS so far: an upper bound, not this run's own peak
             import resource
 
-            run["peak_allocated_bytes"] = run["peak_reserved_bytes"] = resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss * 1024
+            run["peak_allocated_bytes"] = run["peak_reserved_bytes"] = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
         run["step_seconds"] = sum(times) / len(times)
         run["step_seconds_all"] = times
         run["tokens_per_s"] = tokens / run["step_seconds"]
@@ -505,6 +551,7 @@ def _loss_fn(distill_loss, device):
     def call(*args):
         out = distill_loss(*args, device) if takes_device else distill_loss(*args)
         return out[0] if isinstance(out, tuple) else out
+
     return call
 
 
@@ -522,9 +569,14 @@ def synthetic_inputs(tokens: int, prompt: int, top_k: int, device, seed: int):
     input_ids = torch.randint(0, VOCAB_BPE, (1, tokens), generator=gen)
     loss_mask = torch.zeros(1, tokens, dtype=torch.bool)
     loss_mask[:, prompt:] = True
-    batch = Batch(input_ids=input_ids, attention_mask=torch.ones(1, tokens, dtype=torch.int64), loss_mask=loss_mask,
-                  prompt_ids=input_ids[:, :prompt].clone(), prompt_mask=torch.ones(1, prompt, dtype=torch.bool),
-                  trajectory_ids=[f"synthetic-{tokens}"])
+    batch = Batch(
+        input_ids=input_ids,
+        attention_mask=torch.ones(1, tokens, dtype=torch.int64),
+        loss_mask=loss_mask,
+        prompt_ids=input_ids[:, :prompt].clone(),
+        prompt_mask=torch.ones(1, prompt, dtype=torch.bool),
+        trajectory_ids=[f"synthetic-{tokens}"],
+    )
     dgen = torch.Generator(device=device).manual_seed(seed)
     base = torch.randint(0, VOCAB_BPE, (1, tokens - 1, 1), generator=dgen, device=device)
     ids = (base + torch.arange(top_k, device=device) * 7919) % VOCAB_BPE  # distinct: top_k * 7919 < vocab
@@ -538,8 +590,10 @@ def _count_layer_calls(student) -> dict:
     """Forward calls per decoder layer (2 per step when checkpoint recompute runs)."""
     calls: dict[int, int] = {}
     for index, layer in enumerate(student.model.layers):
+
         def hook(module, args, index=index):
             calls[index] = calls.get(index, 0) + 1
+
         layer.register_forward_pre_hook(hook)
     return calls
 
@@ -564,8 +618,17 @@ def _finite(x: float) -> bool:
 
 
 def _failed(tokens: int, kernels: str, error: str) -> dict:
-    return {"tokens": tokens, "kernels": kernels, "ok": False, "peak_allocated_bytes": 0, "peak_reserved_bytes": 0,
-            "param_bytes": 0, "step_seconds": 0.0, "tokens_per_s": 0.0, "error": error}
+    return {
+        "tokens": tokens,
+        "kernels": kernels,
+        "ok": False,
+        "peak_allocated_bytes": 0,
+        "peak_reserved_bytes": 0,
+        "param_bytes": 0,
+        "step_seconds": 0.0,
+        "tokens_per_s": 0.0,
+        "error": error,
+    }
 
 
 def _version(dist: str) -> str | None:
@@ -610,8 +673,16 @@ def _child(argv: list[str], env: dict, timeout: float, tag: str) -> tuple[int | 
     """Run ``argv``, echoing its output with a tag; kill its process group at ``timeout`` seconds.
     Returns (exit code or None when killed, last output lines)."""
     tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+        cwd=ROOT,
+    )
 
     def pump() -> None:
         for line in proc.stdout:
@@ -631,8 +702,16 @@ def _child(argv: list[str], env: dict, timeout: float, tag: str) -> tuple[int | 
 
 
 def _child_env(args, kernels: str | None) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-               LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
     if args.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     if kernels == "fla" and args.fla_path:
@@ -647,16 +726,32 @@ def orchestrate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "modes"
     work.mkdir(exist_ok=True)
-    report = {"device": None, "torch": None, "transformers": None, "fla": None, "world_size": 1, "config": None,
-              "runs": [], "cpu_mode": args.cpu, "budget_seconds": args.budget, "tokens": args.tokens,
-              "kernels": args.kernel_modes, "model_dir": str(args.model_dir), "modes": {}}
+    report = {
+        "device": None,
+        "torch": None,
+        "transformers": None,
+        "fla": None,
+        "world_size": 1,
+        "config": None,
+        "runs": [],
+        "cpu_mode": args.cpu,
+        "budget_seconds": args.budget,
+        "tokens": args.tokens,
+        "kernels": args.kernel_modes,
+        "model_dir": str(args.model_dir),
+        "modes": {},
+    }
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--model-dir", str(args.model_dir), "--config", str(args.config), "--widths", args.widths]
     common += (["--cpu"] if args.cpu else []) + (["--num-experts", str(args.num_experts)] if args.num_experts else [])
 
     write_file = work / "write.json"
-    code, tail = _child(me + ["--stage", "write", "--result", str(write_file), "--shard-size", args.shard_size]
-                        + common, _child_env(args, None), deadline - time.time(), "write")
+    code, tail = _child(
+        me + ["--stage", "write", "--result", str(write_file), "--shard-size", args.shard_size] + common,
+        _child_env(args, None),
+        deadline - time.time(),
+        "write",
+    )
     report["write"] = json.loads(write_file.read_text()) if write_file.is_file() else None
     if code != 0 or report["write"] is None:
         note = "killed at the time budget" if code is None else f"exit {code}"
@@ -670,11 +765,30 @@ def orchestrate(args) -> int:
         result.unlink(missing_ok=True)
         left = deadline - time.time()
         if left < (20 if args.cpu else 75):  # a GPU mode needs about a minute to start and build
-            report["runs"] += merge_mode(kernels, args.tokens, None, f"skipped: {max(left, 0):.0f} s of the budget left")
+            report["runs"] += merge_mode(
+                kernels, args.tokens, None, f"skipped: {max(left, 0):.0f} s of the budget left"
+            )
             continue
-        argv = me + ["--stage", "run", "--kernels", kernels, "--result", str(result), "--deadline", str(deadline),
-                     "--steps", str(args.steps), "--run-cap", str(args.run_cap),
-                     "--tokens", ",".join(map(str, args.tokens))] + common
+        argv = (
+            me
+            + [
+                "--stage",
+                "run",
+                "--kernels",
+                kernels,
+                "--result",
+                str(result),
+                "--deadline",
+                str(deadline),
+                "--steps",
+                str(args.steps),
+                "--run-cap",
+                str(args.run_cap),
+                "--tokens",
+                ",".join(map(str, args.tokens)),
+            ]
+            + common
+        )
         argv += [x for o in args.override for x in ("--override", o)]
         code, tail = _child(argv, _child_env(args, kernels), deadline - time.time() + 10, kernels)
         state = json.loads(result.read_text()) if result.is_file() else None
@@ -707,16 +821,20 @@ def _finish(report: dict, out: Path, start: float) -> int:
 
 def format_table(report: dict) -> str:
     gib = 2**30
-    lines = [f"GPU check: {report.get('device')} | torch {report.get('torch')} | transformers "
-             f"{report.get('transformers')} | fla {report.get('fla')}",
-             f"{'kernels':7} {'tokens':>6} {'ok':>3} {'step_s':>8} {'tok/s':>9} {'alloc_GiB':>9} {'resv_GiB':>9}  note"]
+    lines = [
+        f"GPU check: {report.get('device')} | torch {report.get('torch')} | transformers "
+        f"{report.get('transformers')} | fla {report.get('fla')}",
+        f"{'kernels':7} {'tokens':>6} {'ok':>3} {'step_s':>8} {'tok/s':>9} {'alloc_GiB':>9} {'resv_GiB':>9}  note",
+    ]
     for r in report["runs"]:
         note = "" if r["ok"] else (r["error"] or "")[:90]
         if r["ok"] and r.get("warmup_seconds") is not None:
             note = f"warm-up {r['warmup_seconds']:.1f} s"
-        lines.append(f"{r['kernels']:7} {r['tokens']:>6} {'yes' if r['ok'] else 'no':>3} {r['step_seconds']:>8.2f} "
-                     f"{r['tokens_per_s']:>9,.0f} {r['peak_allocated_bytes'] / gib:>9.1f} "
-                     f"{r['peak_reserved_bytes'] / gib:>9.1f}  {note}")
+        lines.append(
+            f"{r['kernels']:7} {r['tokens']:>6} {'yes' if r['ok'] else 'no':>3} {r['step_seconds']:>8.2f} "
+            f"{r['tokens_per_s']:>9,.0f} {r['peak_allocated_bytes'] / gib:>9.1f} "
+            f"{r['peak_reserved_bytes'] / gib:>9.1f}  {note}"
+        )
     return "\n".join(lines)
 
 
@@ -725,8 +843,12 @@ def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="tiny widths on CPU (what make test runs)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/gpu-check"), help="result directory")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="where the random student is written (default: $TMPDIR/hyperdistill-gpu-check/...)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="where the random student is written (default: $TMPDIR/hyperdistill-gpu-check/...)",
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="trainer config (the H200 one)")
     parser.add_argument("--override", action="append", default=[], help="extra config override a.b=c (repeatable)")
     parser.add_argument("--tokens", default=None, help="comma-separated sequence lengths (default 4096,16384,32768)")
@@ -735,17 +857,24 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--budget", type=float, default=None, help="seconds for everything (default 400; CPU 600)")
     parser.add_argument("--run-cap", type=float, default=None, help="seconds per run before a mode stops (default 150)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per run after one warm-up (2; CPU 1)")
-    parser.add_argument("--widths", choices=("tiny", "real"), default=None,
-                        help="student widths (default: real; tiny with --cpu)")
-    parser.add_argument("--num-experts", type=int, default=None,
-                        help="fewer experts than the real 512 (smoke runs of the real widths on CPU)")
+    parser.add_argument(
+        "--widths", choices=("tiny", "real"), default=None, help="student widths (default: real; tiny with --cpu)"
+    )
+    parser.add_argument(
+        "--num-experts",
+        type=int,
+        default=None,
+        help="fewer experts than the real 512 (smoke runs of the real widths on CPU)",
+    )
     parser.add_argument("--shard-size", default=None, help="safetensors shard size (default 2GB; CPU 20MB)")
     # internal: the per-stage subprocesses
     parser.add_argument("--stage", choices=("all", "write", "run"), default="all", help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(CPU_TOKENS if args.cpu else GPU_TOKENS)
+    args.tokens = (
+        [int(t) for t in args.tokens.split(",")] if args.tokens else list(CPU_TOKENS if args.cpu else GPU_TOKENS)
+    )
     if args.stage == "run":
         if args.kernels not in MODES:
             parser.error(f"--stage run needs --kernels in {MODES}")

@@ -48,8 +48,9 @@ PAD_ID = 151643
 EVAL_BATCH = 16
 
 
-def train_arm(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, steps: int, batch_size: int,
-              seed: int) -> tuple[nn.Module, list[float]]:
+def train_arm(
+    cfg: TrainerConfig, student: nn.Module, data: ScoredSet, steps: int, batch_size: int, seed: int
+) -> tuple[nn.Module, list[float]]:
     """Train one adapter (``cfg.hypernetwork.kind``) on `data.train`; returns it and the loss curve."""
     torch.manual_seed(seed)
     adapter = build_hyper_lora(cfg.hypernetwork, student)
@@ -61,8 +62,9 @@ def train_arm(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, steps: in
         rows = [data.train[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
         batch = collate(rows, PAD_ID)
         ids, logprobs, mask = teacher_tensors(batch, [_topk(r) for r in rows], torch.device("cpu"))
-        loss, _ = distill_loss(student, adapter, batch, ids, logprobs, mask, float(mask.sum()), cfg.optim,
-                               torch.device("cpu"))
+        loss, _ = distill_loss(
+            student, adapter, batch, ids, logprobs, mask, float(mask.sum()), cfg.optim, torch.device("cpu")
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.grad_clip)
         lr = phase_lr(phase, step, steps)
@@ -86,9 +88,14 @@ class Oracle(nn.Module):
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> GeneratedLoRA:
         factors = [self.loras[self.family[tuple(ids[mask].tolist())]] for ids, mask in zip(prompt_ids, prompt_mask)]
-        weights = {name: LoRAWeights(torch.stack([f[name][0] for f in factors]),
-                                     torch.stack([f[name][1] for f in factors]), name.rsplit(".", 2)[-2])
-                   for name in factors[0]}
+        weights = {
+            name: LoRAWeights(
+                torch.stack([f[name][0] for f in factors]),
+                torch.stack([f[name][1] for f in factors]),
+                name.rsplit(".", 2)[-2],
+            )
+            for name in factors[0]
+        }
         return GeneratedLoRA(weights, 1.0)
 
 
@@ -100,8 +107,16 @@ def evaluate(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, adapters: 
         rows = data.eval[start : start + EVAL_BATCH]
         swap = collate([data.eval[partners[start + i]] for i in range(len(rows))], PAD_ID)
         items.append((HeldOut(collate(rows, PAD_ID), 1.0, swap), [_topk(r) for r in rows]))
-    run = lambda found: evaluate_arms(student, found, items, optim=cfg.optim, edges=[0],  # noqa: E731
-                                      device=torch.device("cpu")).arms
+    run = lambda found: (
+        evaluate_arms(
+            student,
+            found,
+            items,
+            optim=cfg.optim,
+            edges=[0],  # noqa: E731
+            device=torch.device("cpu"),
+        ).arms
+    )
     arms = {name: asdict(m) for name, m in run(adapters).items()}
     oracle = asdict(run({"generated": Oracle(data)})["generated"])
     arms["oracle"] = oracle
@@ -125,8 +140,9 @@ def diagnose(adapter: nn.Module, data: ScoredSet) -> dict:
     lora = adapter(batch.prompt_ids, batch.prompt_mask)
     cosines = []
     for name, w in lora.weights.items():
-        generated = torch.stack([(w.B[families == c] @ w.A[families == c]).mean(0) * lora.scale
-                                 for c in range(len(data.family_loras))])
+        generated = torch.stack(
+            [(w.B[families == c] @ w.A[families == c]).mean(0) * lora.scale for c in range(len(data.family_loras))]
+        )
         true = torch.stack([f[name][1] @ f[name][0] for f in data.family_loras])
         g, t = generated - generated.mean(0), true - true.mean(0)
         cosines += torch.nn.functional.cosine_similarity(g.flatten(1), t.flatten(1)).tolist()
@@ -141,10 +157,17 @@ def report(results: dict[str, dict], meta: dict) -> str:
     """Markdown: one table per variant, arms as rows."""
     lines = ["# learn-bench", "", f"{meta}", ""]
     for variant, arms in results.items():
-        lines += [f"## {variant}", "", "| arm | KL (nats/token) | top-1 agreement | teacher NLL | gap closed |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {arm} | {m['kl']:.4f} | {m['top1_agreement']:.3f} | {m['teacher_nll']:.3f} | "
-                  f"{(m['gap_closed'] if m['gap_closed'] is not None else 0.0):.1%} |" for arm, m in arms.items()]
+        lines += [
+            f"## {variant}",
+            "",
+            "| arm | KL (nats/token) | top-1 agreement | teacher NLL | gap closed |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {arm} | {m['kl']:.4f} | {m['top1_agreement']:.3f} | {m['teacher_nll']:.3f} | "
+            f"{(m['gap_closed'] if m['gap_closed'] is not None else 0.0):.1%} |"
+            for arm, m in arms.items()
+        ]
         lines += ["", f"hypernetwork diagnostics: {arms['generated'].get('diagnostics')}", ""]
     return "\n".join(lines)
 
@@ -170,15 +193,22 @@ def main() -> None:
         for kind in ("hyper", "static"):
             cfg = load_config(TrainerConfig, CONFIG, overrides=[*args.overrides, f"hypernetwork.kind={kind}"])
             student = load_student_for(cfg)
-            arms["generated" if kind == "hyper" else "static"], _ = train_arm(cfg, student, data, args.steps,
-                                                                             args.batch_size, cfg.seed)
+            arms["generated" if kind == "hyper" else "static"], _ = train_arm(
+                cfg, student, data, args.steps, args.batch_size, cfg.seed
+            )
         results[variant] = evaluate(cfg, student, data, arms)
         results[variant]["generated"]["diagnostics"] = diagnose(arms["generated"], data)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{variant}.json").write_text(json.dumps(results[variant], indent=2) + "\n")
-    meta = {"steps": args.steps, "batch_size": args.batch_size, "n_train": args.n_train, "n_eval": args.n_eval,
-            "teacher_kl": [round(k, 3) for k in next(iter(sets.values())).family_kl],
-            "scoring_s": round(scored_s), "total_s": round(time.monotonic() - started)}
+    meta = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "n_train": args.n_train,
+        "n_eval": args.n_eval,
+        "teacher_kl": [round(k, 3) for k in next(iter(sets.values())).family_kl],
+        "scoring_s": round(scored_s),
+        "total_s": round(time.monotonic() - started),
+    }
     text = report(results, meta)
     (args.out / "report.md").write_text(text + "\n")
     print(text)

@@ -58,8 +58,14 @@ class ScoredSet:
     """Measured KL(teacher_c || student), nats per assistant token."""
 
 
-def load_scored(variants: Sequence[str] = task.VARIANTS, *, n_train: int = 2048, n_eval: int = 128, seed: int = 0,
-                out: str | Path | None = None) -> dict[str, ScoredSet]:
+def load_scored(
+    variants: Sequence[str] = task.VARIANTS,
+    *,
+    n_train: int = 2048,
+    n_eval: int = 128,
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> dict[str, ScoredSet]:
     """Variant -> its `n_train` training and `n_eval` held-out samples, scored (from the cache when
     it has them). Training samples come from `make_samples` with `seed`, evaluation ones with
     ``seed + 1``. ``out``: the scored cache (default ``scored`` under `cache_root()`)."""
@@ -77,7 +83,7 @@ def load_scored(variants: Sequence[str] = task.VARIANTS, *, n_train: int = 2048,
             results = score(teachers.dirs, examples, out / "logs")
             for part in missing:
                 _save(_path(out, part), keys[part], parts[part], results[: len(parts[part])])
-                results = results[len(parts[part]):]
+                results = results[len(parts[part]) :]
         loaded = {part: _load(_path(out, part), part) for part in parts}
     return {v: ScoredSet(loaded[v, "train"], loaded[v, "eval"], teachers.loras, teachers.kl) for v in variants}
 
@@ -88,9 +94,15 @@ def score(teacher_dirs: Sequence[Path], examples: Sequence[dict], log_dir: Path)
     start = time.monotonic()
     families = sorted({e["family"] for e in examples})
     log_dir.mkdir(parents=True, exist_ok=True)
-    teachers = {c: TeacherProcess(TEACHER_CONFIG, [f"engine.model={teacher_dirs[c]}", *TEACHER_OVERRIDES],
-                                  log_path=log_dir / f"teacher-{c}.log", env={"OMP_NUM_THREADS": "1"})
-                for c in families}
+    teachers = {
+        c: TeacherProcess(
+            TEACHER_CONFIG,
+            [f"engine.model={teacher_dirs[c]}", *TEACHER_OVERRIDES],
+            log_path=log_dir / f"teacher-{c}.log",
+            env={"OMP_NUM_THREADS": "1"},
+        )
+        for c in families
+    }
     try:
         for teacher in teachers.values():
             teacher.start()
@@ -102,9 +114,18 @@ def score(teacher_dirs: Sequence[Path], examples: Sequence[dict], log_dir: Path)
     finally:
         _stop(teachers.values())
     positions = sum(len(e["input_ids"]) - 1 for e in examples)
-    log.info("scored %d sequences, %d positions in %.1f s: %.0f positions/s (%d teachers, top-%d; "
-             "%.1f s to start them, %.1f s to stop them)", len(examples), positions, scored - serving,
-             positions / (scored - serving), len(teachers), TOP_K, serving - start, time.monotonic() - scored)
+    log.info(
+        "scored %d sequences, %d positions in %.1f s: %.0f positions/s (%d teachers, top-%d; "
+        "%.1f s to start them, %.1f s to stop them)",
+        len(examples),
+        positions,
+        scored - serving,
+        positions / (scored - serving),
+        len(teachers),
+        TOP_K,
+        serving - start,
+        time.monotonic() - scored,
+    )
     return results
 
 
@@ -137,14 +158,16 @@ def _render(variant: str, split: str, count: int, seed: int, tokenizer) -> list[
     examples = []
     for i, sample in enumerate(samples):
         rendered = render_trajectory(sample.messages, [], tokenizer, MAX_LENGTH)
-        examples.append({
-            "input_ids": np.asarray(rendered["input_ids"], dtype=np.int32),
-            "loss_mask": np.asarray(rendered["loss_mask"], dtype=bool),
-            "prompt_ids": np.asarray(rendered["prompt_ids"], dtype=np.int32),
-            "trajectory_id": f"{variant}/{split}/{i}",
-            "family": sample.family,
-            "paraphrase": sample.paraphrase,
-        })
+        examples.append(
+            {
+                "input_ids": np.asarray(rendered["input_ids"], dtype=np.int32),
+                "loss_mask": np.asarray(rendered["loss_mask"], dtype=bool),
+                "prompt_ids": np.asarray(rendered["prompt_ids"], dtype=np.int32),
+                "trajectory_id": f"{variant}/{split}/{i}",
+                "family": sample.family,
+                "paraphrase": sample.paraphrase,
+            }
+        )
     return examples
 
 
@@ -189,9 +212,17 @@ def _load(path: Path, part: tuple[str, str]) -> list[dict]:
     tokens = _split(arrays, ("input_ids", "loss_mask"), lengths)
     prompts = _split(arrays, ("prompt_ids",), prompt_lengths)
     teacher = _split(arrays, ("teacher_ids", "teacher_logprobs"), lengths - 1)
-    return [{**tokens[i], **prompts[i], **teacher[i], "trajectory_id": f"{part[0]}/{part[1]}/{i}",
-             "family": int(arrays["family"][i]), "paraphrase": int(arrays["paraphrase"][i])}
-            for i in range(len(lengths))]
+    return [
+        {
+            **tokens[i],
+            **prompts[i],
+            **teacher[i],
+            "trajectory_id": f"{part[0]}/{part[1]}/{i}",
+            "family": int(arrays["family"][i]),
+            "paraphrase": int(arrays["paraphrase"][i]),
+        }
+        for i in range(len(lengths))
+    ]
 
 
 def _split(arrays: dict[str, np.ndarray], names: Sequence[str], lengths: np.ndarray) -> list[dict]:

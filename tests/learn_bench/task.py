@@ -108,8 +108,18 @@ def _stdlib_lines() -> list[str]:
     """Non-empty source lines of a fixed set of standard-library modules (a deterministic corpus)."""
     root = Path(random.__file__).parent
     lines = []
-    for name in ("json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "string.py", "bisect.py",
-                 "heapq.py", "difflib.py", "csv.py", "base64.py"):
+    for name in (
+        "json/encoder.py",
+        "textwrap.py",
+        "shlex.py",
+        "fnmatch.py",
+        "string.py",
+        "bisect.py",
+        "heapq.py",
+        "difflib.py",
+        "csv.py",
+        "base64.py",
+    ):
         path = root / name
         if path.is_file():
             lines += [line.rstrip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -129,7 +139,9 @@ def make_samples(variant: str, count: int, *, held_out: bool, seed: int) -> list
     for i in range(count):
         family = i % len(families)
         paraphrases = families[family]
-        choices = range(len(paraphrases) - HELD_OUT, len(paraphrases)) if held_out else range(len(paraphrases) - HELD_OUT)
+        choices = (
+            range(len(paraphrases) - HELD_OUT, len(paraphrases)) if held_out else range(len(paraphrases) - HELD_OUT)
+        )
         paraphrase = rng.choice(list(choices))
         start = rng.randrange(len(lines) - 12)
         snippet = "\n".join(lines[start : start + rng.randint(2, 4)])
@@ -143,7 +155,9 @@ def make_samples(variant: str, count: int, *, held_out: bool, seed: int) -> list
     return samples
 
 
-def random_lora(targets: Sequence, rank: int, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def random_lora(
+    targets: Sequence, rank: int, generator: torch.Generator
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Unit-scale random factors per target: A ~ N(0, 1/in) [r, in], B ~ N(0, 1/r) [out, r]."""
     lora = {}
     for t in targets:

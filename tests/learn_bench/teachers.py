@@ -128,19 +128,24 @@ def hidden_states(student: Qwen3NextForCausalLM, batch: Batch, lora: Factors | N
     if lora is None:
         return student.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     rows, seq_len = batch.input_ids.shape
-    weights = {name: LoRAWeights(a.expand(rows, *a.shape), b.expand(rows, *b.shape), _kind(name))
-               for name, (a, b) in lora.items()}
+    weights = {
+        name: LoRAWeights(a.expand(rows, *a.shape), b.expand(rows, *b.shape), _kind(name))
+        for name, (a, b) in lora.items()
+    }
     with hyper_lora(student, GeneratedLoRA(weights, 1.0), seq_len=seq_len):
         return hidden_states(student, batch)
 
 
 @torch.inference_mode()
-def topk_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int = TOP_K,
-                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_logprobs(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int = TOP_K, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [M, H] -> the top-K ids int64 [M, K] and log-probs float32 [M, K] of the full-vocabulary
     log-softmax, `chunk` positions at a time."""
-    parts = [torch.log_softmax(lm_head(hidden[i : i + chunk]).float(), -1).topk(top_k, -1)
-             for i in range(0, hidden.shape[0], chunk)]
+    parts = [
+        torch.log_softmax(lm_head(hidden[i : i + chunk]).float(), -1).topk(top_k, -1)
+        for i in range(0, hidden.shape[0], chunk)
+    ]
     return torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts])
 
 
@@ -152,8 +157,9 @@ def measure_kl(student: Qwen3NextForCausalLM, batch: Batch, lora: Factors) -> fl
     ids, logprobs = topk_logprobs(teacher, lm_head)
     plain = hidden_states(student, batch)[:, :-1][mask]
     with torch.no_grad():
-        kl = topk_kl_loss(plain[None], lm_head, ids[None], logprobs[None], torch.ones(1, len(ids), dtype=torch.bool),
-                          len(ids))
+        kl = topk_kl_loss(
+            plain[None], lm_head, ids[None], logprobs[None], torch.ones(1, len(ids), dtype=torch.bool), len(ids)
+        )
     return float(kl)
 
 
@@ -161,8 +167,7 @@ def calibration_batches(tokenizer) -> list[Batch]:
     """Per family: `CALIBRATION_SAMPLES` training samples of each variant, rendered and padded."""
     rendered: list[list[dict]] = [[] for _ in range(FAMILIES)]
     for variant in task.VARIANTS:
-        for sample in task.make_samples(variant, FAMILIES * CALIBRATION_SAMPLES, held_out=False,
-                                        seed=CALIBRATION_SEED):
+        for sample in task.make_samples(variant, FAMILIES * CALIBRATION_SAMPLES, held_out=False, seed=CALIBRATION_SEED):
             example = render_trajectory(sample.messages, [], tokenizer, MAX_LENGTH)
             rendered[sample.family].append({**example, "trajectory_id": f"{variant}-{len(rendered[sample.family])}"})
     return [collate(examples, tokenizer.pad_token_id) for examples in rendered]
@@ -194,12 +199,18 @@ def _build_into(out: Path, student_dir: Path, key: str) -> None:
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built %d learn-bench teachers in %.1f s: scales %s, KL %s nats/token", FAMILIES,
-             time.monotonic() - start, [f"{s:.4f}" for s in scales], [f"{k:.3f}" for k in kls])
+    log.info(
+        "built %d learn-bench teachers in %.1f s: scales %s, KL %s nats/token",
+        FAMILIES,
+        time.monotonic() - start,
+        [f"{s:.4f}" for s in scales],
+        [f"{k:.3f}" for k in kls],
+    )
 
 
-def _calibrate(student: Qwen3NextForCausalLM, batch: Batch, student_dir: Path, out: Path,
-               family: int) -> tuple[float, float]:
+def _calibrate(
+    student: Qwen3NextForCausalLM, batch: Batch, student_dir: Path, out: Path, family: int
+) -> tuple[float, float]:
     """Build teacher `family` into `out` at the scale whose KL is `TARGET_KL`; returns (scale, KL).
 
     A secant search on log KL against log scale (KL ~ scale^p; p = 1 until two tries measure it),
@@ -222,8 +233,10 @@ def _calibrate(student: Qwen3NextForCausalLM, batch: Batch, student_dir: Path, o
             slope = (y1 - y0) / (x1 - x0)
         x, y = tries[-1]
         scale = math.exp(x + (math.log(TARGET_KL) - y) / slope)
-    raise RuntimeError(f"learn-bench teacher {family}: no scale within {KL_TOLERANCE} of KL {TARGET_KL} after "
-                       f"{MAX_TRIES} tries (scale, KL): {[(math.exp(x), math.exp(y)) for x, y in tries]}")
+    raise RuntimeError(
+        f"learn-bench teacher {family}: no scale within {KL_TOLERANCE} of KL {TARGET_KL} after "
+        f"{MAX_TRIES} tries (scale, KL): {[(math.exp(x), math.exp(y)) for x, y in tries]}"
+    )
 
 
 def _kind(name: str) -> str:
