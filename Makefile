@@ -10,7 +10,7 @@ STUBS := common/stubs/teacher_pb2.py common/stubs/teacher_pb2_grpc.py
 TEACHER_CONFIG ?= deploy/configs/teacher.cpu.yaml
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: help setup proto models data test demo teacher-demo bench learn-bench chaos plan gpu-check gpu-check-wheels clean
+.PHONY: help setup proto models data lint test demo teacher-demo bench learn-bench chaos plan gpu-check gpu-check-wheels clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -37,7 +37,11 @@ models: setup ## build (once) the tiny teacher, student and demo teacher in .cac
 data: models ## tokenize the fixture trajectories with the student's tokenizer (prints the summary)
 	$(PY) -m trainer.prepare_data --tokenizer .cache/tiny-models/student --source tests/fixtures/swe_rebench_sample.jsonl --max-length 8192
 
-test: setup proto deploy-tools ## run the test suite (installs promtool and docker-compose for the deploy checks)
+lint: setup ## ruff format --check and ruff check (rules and line length in pyproject.toml)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+test: setup proto deploy-tools lint ## lint, then the test suite (installs promtool and docker-compose for the deploy checks)
 	$(PY) -m pytest -q
 
 demo: setup proto models ## the whole job on CPU: teacher service + torchrun x2 trainer, tiny models, fixture data

@@ -68,9 +68,9 @@ class TeacherClient:
         ids = [f"seq-{i}" for i in range(len(sequences))]
         requests = [
             pb.ScoreRequest(request_id=rid, token_ids=pack_token_ids(seq), top_k=top_k)
-            for rid, seq in zip(ids, sequences)
+            for rid, seq in zip(ids, sequences, strict=True)
         ]
-        assemblers = {rid: TopKAssembler(len(seq) - 1, top_k) for rid, seq in zip(ids, sequences)}
+        assemblers = {rid: TopKAssembler(len(seq) - 1, top_k) for rid, seq in zip(ids, sequences, strict=True)}
         results: dict[str, TopK] = {}
         call = self.stub.Score(iter(requests), timeout=timeout)
         async for chunk in call:

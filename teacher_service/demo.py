@@ -86,7 +86,7 @@ async def _score(address: str, sequences, top_k: int, tokenizer) -> None:
     for i in range(chat.num_positions - 5, chat.num_positions):
         top = ", ".join(
             f"{tokenizer.convert_ids_to_tokens(int(t))!r} {p:.2f}"
-            for t, p in zip(chat.ids[i, :3], chat.logprobs[i, :3])
+            for t, p in zip(chat.ids[i, :3], chat.logprobs[i, :3], strict=True)
         )
         print(f"  after {tokens[i]!r:>14} -> actual {tokens[i + 1]!r} ({chat.target[i]:.2f}); top: {top}")
 

@@ -84,7 +84,7 @@ class HFEngine:
                         if not pending.future.done():
                             pending.future.set_exception(e)
                     continue
-                for pending, result in zip(batch, results):
+                for pending, result in zip(batch, results, strict=True):
                     if not pending.future.done():
                         pending.future.set_result(result)
 
@@ -115,7 +115,7 @@ class HFEngine:
         hidden = self._model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return [
             self._topk(hidden[row, : n - 1], input_ids[row, 1:n], p.top_k)
-            for row, (n, p) in enumerate(zip(lengths, batch))
+            for row, (n, p) in enumerate(zip(lengths, batch, strict=True))
         ]
 
     def _topk(self, hidden: torch.Tensor, targets: torch.Tensor, top_k: int) -> TopK:

@@ -109,7 +109,7 @@ def expected_assistant_text(message: dict) -> str:
 def mask_spans(mask: list[bool]) -> list[tuple[int, int]]:
     """[start, end) of each run of True."""
     edges = np.diff(np.concatenate([[0], np.asarray(mask, dtype=np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
 
 
 def test_loss_mask_is_exactly_the_assistant_turns(tokenizer, well_formed):
@@ -121,7 +121,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(tokenizer, well_formed):
         expected = [expected_assistant_text(m) for m in row["trajectory"] if m["role"] == "assistant"]
         assert spans == expected, row["trajectory_id"]
         # Nothing else is masked: every tool output and user message lies outside the spans.
-        unmasked = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+        unmasked = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
         for m in row["trajectory"]:
             if m["role"] in ("system", "user", "tool"):
                 assert m["content"] in unmasked
@@ -190,7 +190,7 @@ def test_decode_accepts_arrow_structs(tmp_path, well_formed):
     pq.write_table(pa.Table.from_pylist(well_formed), tmp_path / "rows.parquet")
     loaded = data.load_source(config(tmp_path, source=str(tmp_path / "rows.parquet")))
     assert loaded.num_rows == len(well_formed)
-    for row, struct_row in zip(well_formed, loaded):
+    for row, struct_row in zip(well_formed, loaded, strict=True):
         assert data.decode_row(struct_row) == data.decode_row(row)
 
 

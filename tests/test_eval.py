@@ -168,7 +168,7 @@ def test_metrics_against_a_teacher_that_is_the_student(models):
     assert none.top1_agreement == 1.0
     # The NLL of the teacher's top-1 = the student's own max log-prob, from full logits.
     reference = []
-    for example, mask in zip(examples[:2], counted):
+    for example, mask in zip(examples[:2], counted, strict=True):
         batch = collate([example], 0)
         with torch.no_grad():
             logprobs = torch.log_softmax(student(input_ids=batch.input_ids).logits[0, :-1].float(), -1)

@@ -272,7 +272,7 @@ def measure_cost(seq_len: int, repeats: int) -> list[str]:
     lines = []
     for label, loss_fn in (("top-K KL", kl), ("backbone only", lambda h: h.pow(2).mean())):
         base, adapted, ratio = _interleaved_medians(
-            lambda: student_only(loss_fn), lambda: with_hyper_lora(loss_fn), repeats
+            lambda loss_fn=loss_fn: student_only(loss_fn), lambda loss_fn=loss_fn: with_hyper_lora(loss_fn), repeats
         )
         lines.append(
             f"cost ({label}): HyperLoRA fwd+bwd {adapted * 1e3:.0f} ms vs student fwd+bwd "

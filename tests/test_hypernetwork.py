@@ -64,7 +64,7 @@ def test_zero_init_b_exact_and_a_like_lora(hyper):
 
 def test_unit_gates_at_init_so_every_prompt_starts_from_the_bank(hyper):
     lora = hyper(*prompts([10, 6], 12))
-    for name, w in lora.weights.items():
+    for w in lora.weights.values():
         assert torch.equal(w.A[0], w.A[1]) and torch.equal(w.B[0], w.B[1])
 
 

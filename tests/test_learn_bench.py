@@ -101,7 +101,9 @@ def test_scored_cache_is_reused_and_rescored_when_a_parameter_changes(scored_dir
     again = load_scored(n_train=N, n_eval=N, out=scored_dir)
     assert scored_calls == []  # no teacher started
     for variant in task.VARIANTS:
-        for a, b in zip(before[variant].train + before[variant].eval, again[variant].train + again[variant].eval):
+        for a, b in zip(
+            before[variant].train + before[variant].eval, again[variant].train + again[variant].eval, strict=True
+        ):
             np.testing.assert_array_equal(a["teacher_logprobs"], b["teacher_logprobs"])
     changed = load_scored(n_train=N, n_eval=N + 1, out=scored_dir)
     assert scored_calls == [[f"{v}/eval/{i}" for v in task.VARIANTS for i in range(N + 1)]]

@@ -207,7 +207,7 @@ def test_trainable_head_gets_reference_gradient(mode):
     loss = topk_kl_loss(hidden, weight, ids, logprobs, mask, 4, temperature=2.0, mode=mode, chunk_size=3)
     got = torch.autograd.grad(loss, [hidden, weight])
     want = torch.autograd.grad(naive_bucket_kl(hidden, weight, ids, logprobs, mask, 4, 2.0, mode), [hidden, weight])
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
 

@@ -128,7 +128,7 @@ def assert_same_topk(got, want) -> None:
 
 def assert_batch(got, want) -> None:
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert_same_topk(g, w)
 
 
@@ -272,7 +272,7 @@ def test_requests_spread_over_two_teachers(teacher_a, teacher_b, fingerprint, ba
     before = [scrape_metrics(url).get(OK_REQUESTS, 0) for url in urls]
     with make_client([teacher_a.address, teacher_b.address], fingerprint) as client:
         assert run_prefetcher(client, four, expected) == list(four)
-    served = [scrape_metrics(url).get(OK_REQUESTS, 0) - b for url, b in zip(urls, before)]
+    served = [scrape_metrics(url).get(OK_REQUESTS, 0) - b for url, b in zip(urls, before, strict=True)]
     assert served == [4, 4]  # 8 sequences, round robin
 
 

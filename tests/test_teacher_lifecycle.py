@@ -70,7 +70,7 @@ def test_loading_then_serving_then_drain_on_sigterm(tmp_path_factory, tiny_model
         teacher.stop()
     assert during_drain["health"] == NOT_SERVING
     assert during_drain["new_stream"] == grpc.StatusCode.UNAVAILABLE
-    for ids, topk in zip(sequences, results):  # in-flight work finished, complete and right
+    for ids, topk in zip(sequences, results, strict=True):  # in-flight work finished, complete and right
         assert_matches_reference(topk, reference.logprobs(ids), ids)
 
 

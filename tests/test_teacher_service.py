@@ -19,8 +19,8 @@ from prometheus_client import REGISTRY
 
 from common.codec import TopKAssembler, pack_token_ids
 from common.stubs import teacher_pb2 as pb
-from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from common.teacher_client import TeacherClient
+from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from teacher_service.config import EngineConfig
 from teacher_service.hf_engine import HFEngine
 from tests.helpers import ATOL, VOCAB, assert_matches_reference, random_ids, scrape_metrics
@@ -61,7 +61,7 @@ def test_hf_engine_matches_vllm_engine(vllm_teacher, hf_teacher, reference):
     sequences = [random_ids(n, seed=100 + n) for n in (3, 64, 700)]
     from_vllm = _score(vllm_teacher.address, sequences, 20)
     from_hf = _score(hf_teacher.address, sequences, 20)  # float16 on the wire
-    for ids, a, b in zip(sequences, from_vllm, from_hf):
+    for ids, a, b in zip(sequences, from_vllm, from_hf, strict=True):
         np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=2.0**-11, atol=ATOL)
         np.testing.assert_allclose(b.target, a.target, rtol=2.0**-11, atol=ATOL)
         assert_matches_reference(b, reference.logprobs(ids), ids, rtol=2.0**-11)
@@ -86,7 +86,7 @@ def test_hf_engine_scores_requests_over_its_token_budget_one_by_one(tiny_models,
     before = REGISTRY.get_sample_value(batches) or 0.0
     results = asyncio.run(run())
     assert REGISTRY.get_sample_value(batches) - before == len(sequences)
-    for ids, topk in zip(sequences, results):
+    for ids, topk in zip(sequences, results, strict=True):
         assert_matches_reference(topk, reference.logprobs(ids), ids)
 
 

@@ -161,7 +161,7 @@ def test_chat_template_renders_qwen3_coder_format(tokenizer) -> None:
         f"<|im_start|>assistant\n{ASSISTANT_SPANS[1]}\n",
     ]
     positions = [text.find(piece) for piece in expected_order]
-    assert -1 not in positions, [p for p, at in zip(expected_order, positions) if at == -1]
+    assert -1 not in positions, [p for p, at in zip(expected_order, positions, strict=True) if at == -1]
     assert positions == sorted(positions)
     assert text.endswith(f"{ASSISTANT_SPANS[1]}\n")
     assert text.count("<|im_start|>") == 6
@@ -177,7 +177,7 @@ def test_assistant_mask_covers_exactly_the_assistant_spans(tokenizer) -> None:
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert len(ids) == len(mask)
     spans, current = [], []
-    for token, keep in zip(ids, mask):
+    for token, keep in zip(ids, mask, strict=True):
         if keep:
             current.append(token)
         elif current:

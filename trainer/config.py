@@ -4,6 +4,7 @@ checkpoint."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 from trainer.checkpoint import CheckpointConfig
@@ -141,7 +142,7 @@ class EvalConfig:
         if self.static_checkpoint and not self.held_out:
             raise ValueError("eval.static_checkpoint needs eval.held_out > 0 (the arms run on the held-out examples)")
         edges = self.position_buckets
-        if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        if not edges or edges[0] != 0 or any(b <= a for a, b in pairwise(edges)):
             raise ValueError(f"eval.position_buckets must start at 0 and increase, got {edges}")
 
 

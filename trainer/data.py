@@ -538,7 +538,7 @@ def _skipped_rows(
     """Count of skipped rows by reason, and the first trajectory ids of each reason."""
     counts: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
-    for reason, trajectory_id in zip(rendered["skip_reason"], rendered["trajectory_id"]):
+    for reason, trajectory_id in zip(rendered["skip_reason"], rendered["trajectory_id"], strict=True):
         if reason:
             counts[reason] += 1
             if counts[reason] <= examples_per_reason:

@@ -36,6 +36,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +229,7 @@ def _top1_stats(
     """h [M, H], the LM head's weight [V, H], the teacher's top-1 ids int64 [M] -> per position,
     float64 [M]: 1 where the student's argmax is top-1, and -log q(top-1). ``[chunk, V]`` at a time."""
     agree, nll = [], []
-    for part, ids in zip(h.split(chunk_size), top1.split(chunk_size)):
+    for part, ids in zip(h.split(chunk_size), top1.split(chunk_size), strict=True):
         logits = (part @ weight.T).float()  # as the loss computes them
         nll.append((torch.logsumexp(logits, 1) - logits.gather(1, ids[:, None])[:, 0]).double())
         agree.append((logits.argmax(1) == ids).double())
@@ -237,7 +238,7 @@ def _top1_stats(
 
 def bucket_labels(edges: Sequence[int]) -> list[str]:
     """``[0, 512, 2048]`` -> ``["0-512", "512-2048", "2048+"]``."""
-    return [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+    return [f"{a}-{b}" for a, b in pairwise(edges)] + [f"{edges[-1]}+"]
 
 
 def _report(examples: int, per_arm: dict[str, list[float]], labels: list[str]) -> EvalReport:
@@ -256,7 +257,7 @@ def _report(examples: int, per_arm: dict[str, list[float]], labels: list[str]) -
             gap_closed=1 - kl / kl_none if kl_none > 0 else None,
             kl_by_position=by_position,
         )
-    return EvalReport(examples, int(tokens), {label: int(c) for label, c in zip(labels, counts)}, arms)
+    return EvalReport(examples, int(tokens), {label: int(c) for label, c in zip(labels, counts, strict=True)}, arms)
 
 
 def evaluate_held_out(
@@ -371,9 +372,9 @@ def plot(out_dir: Path) -> Path:
     fig, (over_steps, by_position) = plt.subplots(1, 2, figsize=(12, 4))
     for arm in latest["arms"]:
         points = [(r["step"], r["arms"][arm]["kl"]) for r in records if arm in r["arms"]]
-        over_steps.plot(*zip(*points), marker=".", label=arm)
+        over_steps.plot(*zip(*points, strict=True), marker=".", label=arm)
         buckets = [(label, kl) for label, kl in latest["arms"][arm]["kl_by_position"].items() if kl is not None]
-        by_position.plot(*zip(*buckets), marker="o", label=arm)
+        by_position.plot(*zip(*buckets, strict=True), marker="o", label=arm)
     over_steps.set(xlabel="optimizer step", ylabel="held-out top-K KL per assistant token (nats)", title="KL by arm")
     by_position.set(
         xlabel="position of the target token", ylabel="KL (nats)", title=f"KL by position at step {latest['step']}"

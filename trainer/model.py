@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -102,7 +103,7 @@ def shard_student(student: PreTrainedModel, dtype: torch.dtype) -> None:
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(student.model, mp_policy=mp, ignored_params=set(student.get_input_embeddings().parameters()))
-    for previous, layer in zip(layers, layers[1:]):
+    for previous, layer in pairwise(layers):
         previous.set_modules_to_forward_prefetch([layer])
         layer.set_modules_to_backward_prefetch([previous])
 

@@ -10,6 +10,7 @@ parameters. Overrides are hypernetwork config fields, e.g. ``rank=32 trunk_dim=2
 from __future__ import annotations
 
 import argparse
+
 import torch
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
@@ -90,7 +91,8 @@ def format_table(rows: list[tuple]) -> list[str]:
     cells = [header] + [tuple(f"{c:,}" if isinstance(c, int) else c for c in row) for row in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(header))]
     lines = [
-        "  ".join(c.ljust(w) if j < 5 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells
+        "  ".join(c.ljust(w) if j < 5 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
     ]
     rule = "  ".join("-" * w for w in widths)
     return [lines[0], rule, *lines[1:-1], rule, lines[-1]]
@@ -112,7 +114,8 @@ def render(config: HyperLoRA.Config, student: torch.nn.Module, hyper: HyperLoRA)
             "",
             *format_table(rows),
             "",
-            f"per prompt: A_b = diag(g_b) A, B_b = B, with the bank's A, B and {config.experts} generated expert gates g_b "
+            f"per prompt: A_b = diag(g_b) A, B_b = B, with the bank's A, B and {config.experts} generated expert gates "
+            f"g_b "
             f"per target (summing to {config.experts}, each over r / {config.experts} rank directions)",
             f"LoRA per prompt: {per_prompt:,} numbers = {per_prompt * 4 / 2**20:.1f} MiB in float32",
             f"trainable: encoder {_count(groups['encoder']):,} + trunk {_count(groups['trunk']):,} + heads "

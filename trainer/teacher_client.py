@@ -32,8 +32,8 @@ to be called from one thread (the training loop's).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import math
@@ -416,7 +416,7 @@ class TeacherClient:
         if all(isinstance(outcome, BaseException) for outcome in outcomes):
             raise TeacherUnavailableError("no teacher answered: " + "; ".join(str(o) for o in outcomes))
         now = self._loop.time()
-        for link, outcome in zip(self._links, outcomes):
+        for link, outcome in zip(self._links, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 logger.warning("%s; continuing without it and retrying it later", outcome)
                 self._mark_down(link, now)
@@ -723,8 +723,8 @@ class Prefetcher(Generic[B]):
     each) and the seconds spent waiting for it. Leaving the loop early cancels the batches
     already submitted. A batch's priority is its position in ``batches``: ranks that step
     together share a teacher fairly, each rank's next batch ahead of anyone's prefetch (without
-    it, one rank's first batch queues behind another rank's whole prefetch window). Keys are generated here, so several prefetchers (training and
-    evaluation) can share one client.
+    it, one rank's first batch queues behind another rank's whole prefetch window). Keys are
+    generated here, so several prefetchers (training and evaluation) can share one client.
     """
 
     def __init__(self, client: TeacherClient, batches: Iterable[B], to_sequences: Callable[[B], Sequence[np.ndarray]]):

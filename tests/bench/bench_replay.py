@@ -49,7 +49,7 @@ def save_records(path: Path, info: pb.TeacherInfo, sequences, chunks, top_k: int
 
     records = {
         record_key(pack_token_ids(ids), top_k): [c.SerializeToString() for c in per_seq]
-        for ids, per_seq in zip(sequences, chunks)
+        for ids, per_seq in zip(sequences, chunks, strict=True)
     }
     path.write_bytes(pickle.dumps({"info": info.SerializeToString(), "chunks": records}))
 

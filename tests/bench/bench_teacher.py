@@ -151,10 +151,10 @@ def p2(data: TeacherData, sequences, repeats: int) -> dict:
 
 def agreement(ours: list, parsed: list) -> dict:
     """Do both servers answer the same? Share of equal top-K ids, largest log-prob difference."""
-    ids_equal = sum(int((a[0] == b[0]).sum()) for a, b in zip(ours, parsed))
+    ids_equal = sum(int((a[0] == b[0]).sum()) for a, b in zip(ours, parsed, strict=True))
     total = sum(a[0].numel() for a in ours)
-    diff = max(float((a[1] - b[1]).abs().max()) for a, b in zip(ours, parsed))
-    target = max(float((a[2] - b[2]).abs().max()) for a, b in zip(ours, parsed))
+    diff = max(float((a[1] - b[1]).abs().max()) for a, b in zip(ours, parsed, strict=True))
+    target = max(float((a[2] - b[2]).abs().max()) for a, b in zip(ours, parsed, strict=True))
     return {"ids_equal_share": ids_equal / total, "max_abs_logprob_diff": diff, "max_abs_target_diff": target}
 
 

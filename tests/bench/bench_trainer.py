@@ -86,8 +86,8 @@ def training_sequences() -> list:
 
     from common.tiny_models import ensure_tiny_models
     from common.tokenizer import load_tokenizer
-    from trainer.data import load_prepared
     from tests.bench.bench_common import trainer_data_config
+    from trainer.data import load_prepared
 
     dataset = load_prepared(trainer_data_config(), load_tokenizer(ensure_tiny_models().student))
     return [np.asarray(ids, dtype=np.int32) for ids in dataset["input_ids"]]
@@ -125,13 +125,13 @@ def record_for_replay(out: Path, address: str, scored_sequences: list, recorded)
         return record_key(pack_token_ids(ids), TOP_K)
 
     sequences = training_sequences()
-    have = {key(ids): chunks for ids, chunks in zip(scored_sequences, recorded.chunks)} if recorded else {}
+    have = {key(ids): chunks for ids, chunks in zip(scored_sequences, recorded.chunks, strict=True)} if recorded else {}
     missing = [ids for ids in sequences if key(ids) not in have]
     info = recorded.info if recorded else None
     if missing:
         scored = score_streams(address, missing, TOP_K)
         info = scored.info
-        have.update({key(ids): chunks for ids, chunks in zip(missing, scored.chunks)})
+        have.update({key(ids): chunks for ids, chunks in zip(missing, scored.chunks, strict=True)})
     path = out / "p4_replay_records.pkl"
     save_records(path, info, sequences, [have[key(ids)] for ids in sequences], TOP_K)
     return path

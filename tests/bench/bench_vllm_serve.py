@@ -169,7 +169,7 @@ def decode_bodies(bodies: list[bytes], sequences: list[np.ndarray], top_k: int) 
     import torch
 
     out = []
-    for body, ids in zip(bodies, sequences):
+    for body, ids in zip(bodies, sequences, strict=True):
         arrays = parse_body(body, ids, top_k)
         out.append(tuple(torch.from_numpy(a) for a in arrays))
     return out

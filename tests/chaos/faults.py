@@ -247,7 +247,7 @@ def compare_logs(run_dir: Path, reference: Path, resumed: list[int], ends: list[
     problems, batches, distinct = [], 0, 0
     for name, records in _records(run_dir).items():
         start = 0
-        for first, end in zip(resumed, ends):
+        for first, end in zip(resumed, ends, strict=True):
             steps = [step for step, _ in records[start : end[name]]]
             if steps != list(range(first + 1, first + 1 + len(steps))):
                 problems.append(f"{name}: resumed at step {first}, then logged steps {steps}")
@@ -297,7 +297,7 @@ def teacher_kill_plan(rng: random.Random, steps: int, restarts: int, lost: bool)
     replicas = [1] * lost + [0] * restarts
     return [
         TeacherKill(step, rng.uniform(0, STEP_SECONDS), replica, replica == 0)
-        for step, replica in zip(points, replicas)
+        for step, replica in zip(points, replicas, strict=True)
     ]
 
 
@@ -386,7 +386,7 @@ def run_trainer_crashes(
         launch = bench.launch(run_dir, [address], f"trainer-kills-{index}")
         launches.append(launch)
         fire = _kill_trigger(kind, rng, bench, launch, watch) if kind else lambda: False
-        killed = launch.drive(lambda: watch.poll() or fire())
+        killed = launch.drive(lambda fire=fire: watch.poll() or fire())
         if killed:
             launch.kill()
             watch.poll()
@@ -426,7 +426,7 @@ def _check_resumes(launches: list[Launch], events: list[dict]) -> tuple[list[int
     resumed, problems = [0], []
     if launches[0].resumed_from():
         problems.append(f"the first invocation resumed: {launches[0].resumed_from()}")
-    for index, (launch, event) in enumerate(zip(launches[1:], events), start=1):
+    for index, (launch, event) in enumerate(zip(launches[1:], events, strict=True), start=1):
         paths = set(launch.resumed_from().values())
         if len(launch.resumed_from()) != RANKS or paths != {event["newest"]}:
             problems.append(

@@ -74,11 +74,15 @@ def format_load(r4: dict, r5: dict) -> str:
     mib = r4["peak_rss_bytes"] / 2**20
     return "\n".join(
         [
-            f"R4 load: {r4['streams']} streams x {r4['per_stream']} requests, admission limit {ADMISSION_LIMIT} positions",
-            f"  below the limit: {r4['below_answered']} answered, {r4['below_lost']} lost, streams {r4['below_statuses']}, "
+            f"R4 load: {r4['streams']} streams x {r4['per_stream']} requests, "
+            f"admission limit {ADMISSION_LIMIT} positions",
+            f"  below the limit: {r4['below_answered']} answered, {r4['below_lost']} lost, "
+            f"streams {r4['below_statuses']}, "
             f"p50 {r4['p50_s'] * 1e3:.0f} ms, p99 {r4['p99_s'] * 1e3:.0f} ms, {r4['below_seconds']:.1f} s",
-            f"  far above it:    {r4['above_answered']} answered, {r4['above_lost']} lost, streams {r4['above_statuses']}",
-            f"  server peak RSS {mib:.0f} MiB; serving afterwards: {r4['served_after']}  -> {'ok' if r4_ok(r4) else 'FAILED'}",
+            f"  far above it:    {r4['above_answered']} answered, {r4['above_lost']} lost, "
+            f"streams {r4['above_statuses']}",
+            f"  server peak RSS {mib:.0f} MiB; serving afterwards: {r4['served_after']}  "
+            f"-> {'ok' if r4_ok(r4) else 'FAILED'}",
             f"R5 SIGTERM under load: NOT_SERVING after {r5['not_serving_after_s']} s, {r5['answered']} answered, "
             f"{r5['lost']} lost, streams {r5['statuses']}, exit {r5['exit_code']} after {r5['exit_after_s']:.1f} s "
             f"(grace {r5['grace_s']:.0f} s)  -> {'ok' if r5_ok(r5) else 'FAILED'}",

@@ -305,7 +305,6 @@ def run_mode(args) -> None:
     from trainer.config import TrainerConfig
     from trainer.distributed import close_distributed, init_distributed
     from trainer.model import build_models
-    from trainer.train import distill_loss
 
     fla_version = _version("fla-core") or _version("flash-linear-attention")
     if args.kernels == "fla":

@@ -87,7 +87,10 @@ class Oracle(nn.Module):
         self.loras = data.family_loras
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> GeneratedLoRA:
-        factors = [self.loras[self.family[tuple(ids[mask].tolist())]] for ids, mask in zip(prompt_ids, prompt_mask)]
+        factors = [
+            self.loras[self.family[tuple(ids[mask].tolist())]]
+            for ids, mask in zip(prompt_ids, prompt_mask, strict=True)
+        ]
         weights = {
             name: LoRAWeights(
                 torch.stack([f[name][0] for f in factors]),
@@ -107,16 +110,10 @@ def evaluate(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, adapters: 
         rows = data.eval[start : start + EVAL_BATCH]
         swap = collate([data.eval[partners[start + i]] for i in range(len(rows))], PAD_ID)
         items.append((HeldOut(collate(rows, PAD_ID), 1.0, swap), [_topk(r) for r in rows]))
-    run = lambda found: (
-        evaluate_arms(
-            student,
-            found,
-            items,
-            optim=cfg.optim,
-            edges=[0],  # noqa: E731
-            device=torch.device("cpu"),
-        ).arms
-    )
+
+    def run(found: dict[str, nn.Module]) -> dict:
+        return evaluate_arms(student, found, items, optim=cfg.optim, edges=[0], device=torch.device("cpu")).arms
+
     arms = {name: asdict(m) for name, m in run(adapters).items()}
     oracle = asdict(run({"generated": Oracle(data)})["generated"])
     arms["oracle"] = oracle

@@ -147,8 +147,8 @@ async def _score_families(addresses: dict[int, str], examples: Sequence[dict]) -
             return await client.score([examples[i]["input_ids"] for i in rows[c]], TOP_K)
 
     results: list[TopK | None] = [None] * len(examples)
-    for c, topk in zip(addresses, await asyncio.gather(*(one(c) for c in addresses))):
-        for i, result in zip(rows[c], topk):
+    for c, topk in zip(addresses, await asyncio.gather(*(one(c) for c in addresses)), strict=True):
+        for i, result in zip(rows[c], topk, strict=True):
             results[i] = result
     return results
 

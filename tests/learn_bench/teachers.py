@@ -174,7 +174,10 @@ def calibration_batches(tokenizer) -> list[Batch]:
 
 
 def save_factors(lora: Factors, path: Path) -> None:
-    save_file({f"{name}.{part}": t.contiguous() for name, pair in lora.items() for part, t in zip("AB", pair)}, path)
+    save_file(
+        {f"{name}.{part}": t.contiguous() for name, pair in lora.items() for part, t in zip("AB", pair, strict=True)},
+        path,
+    )
 
 
 def load_factors(teacher_dir: Path) -> Factors:
