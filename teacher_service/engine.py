@@ -1,4 +1,4 @@
-"""The small interface every teacher engine implements, and the factory that picks one.
+"""The small interface every teacher engine implements (`engine_factory.build_engine` picks one).
 
 Engines never import grpc: they take token ids and return ``TopK`` arrays. Validation of
 requests happens before an engine is called (``teacher_service.admission``).
@@ -12,7 +12,6 @@ from typing import Protocol
 import numpy as np
 
 from common.codec import TopK
-from teacher_service.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -39,14 +38,3 @@ class TeacherEngine(Protocol):
     async def shutdown(self) -> None:
         """Release the model and any worker processes."""
         ...
-
-
-async def build_engine(config: EngineConfig) -> TeacherEngine:
-    """Load the configured engine (imports only the backend it needs)."""
-    if config.kind == "vllm":
-        from teacher_service.vllm_engine import VllmEngine
-
-        return await VllmEngine.create(config)
-    from teacher_service.hf_engine import HFEngine
-
-    return await HFEngine.create(config)

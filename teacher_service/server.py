@@ -23,7 +23,7 @@ from common.security import BearerTokenInterceptor, read_token, server_credentia
 from common.stubs import teacher_pb2 as pb
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from teacher_service.config import ServerConfig, TeacherConfig
-from teacher_service.engine import build_engine
+from teacher_service.engine_factory import build_engine
 from teacher_service.scoring import REQUEST_OVERHEAD_BYTES, Admission, Limits
 from teacher_service.servicer import TeacherServicer, add_to_server
 

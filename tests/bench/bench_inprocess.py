@@ -37,7 +37,7 @@ async def serve_passes(sequences: list[np.ndarray]) -> None:
     from common.config import load_config
     from common.tiny_models import ensure_tiny_models
     from teacher_service.config import TeacherConfig
-    from teacher_service.engine import build_engine
+    from teacher_service.engine_factory import build_engine
 
     config = load_config(TeacherConfig, TEACHER_CPU_CONFIG, [f"engine.model={ensure_tiny_models().teacher}"])
     engine = await build_engine(config.engine)
