@@ -1,9 +1,10 @@
 """Per-stream request handling: validation, admission, concurrent scoring, chunking.
 
-No grpc here: failures are raised as ``RequestError`` subclasses that the servicer maps to
-status codes. A stream's requests are scored concurrently and their chunks interleave;
-admission (``Admission``) bounds the positions held across all streams, which also bounds
-the memory of results waiting to be sent.
+No grpc here: failures are raised as ``RequestError`` subclasses, each naming its gRPC status
+code (``status``), which the servicer aborts with and the request counter is labelled by. A
+stream's requests are scored concurrently and their chunks interleave; admission
+(``Admission``) bounds the positions held across all streams, which also bounds the memory of
+results waiting to be sent.
 """
 
 from __future__ import annotations
@@ -31,21 +32,26 @@ CHUNK_OVERHEAD_BYTES = 512
 
 
 class RequestError(Exception):
-    """A request the service refuses; ``kind`` picks the status code."""
+    """A request the service refuses; ``status`` is the name of its `grpc.StatusCode`."""
 
-    kind = "invalid"
+    status = "INVALID_ARGUMENT"
 
 
 class InvalidRequest(RequestError):
-    kind = "invalid"
+    status = "INVALID_ARGUMENT"
 
 
 class QueueFull(RequestError):
-    kind = "exhausted"
+    status = "RESOURCE_EXHAUSTED"
 
 
 class Draining(RequestError):
-    kind = "unavailable"
+    status = "UNAVAILABLE"
+
+
+def max_request_bytes(max_model_len: int) -> int:
+    """The largest ScoreRequest accepted: ``max_model_len`` packed int32 ids plus the overhead."""
+    return max_model_len * 4 + REQUEST_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class Limits:
 
     @property
     def max_request_bytes(self) -> int:
-        return self.max_model_len * 4 + REQUEST_OVERHEAD_BYTES
+        return max_request_bytes(self.max_model_len)
 
     def chunk_positions(self, top_k: int) -> int:
         """Positions per ScoreChunk so that a chunk stays under ``max_message_bytes``."""
@@ -175,7 +181,7 @@ class StreamScorer:
     def _fail(self, error: RequestError) -> None:
         if self._error is None:
             self._error = error
-            metrics.REQUESTS.labels(status=_STATUS_NAMES[error.kind]).inc()
+            metrics.REQUESTS.labels(status=error.status).inc()
         if self._reader is not None and asyncio.current_task() is not self._reader:
             self._reader.cancel()
 
@@ -216,13 +222,7 @@ class StreamScorer:
 
 
 class EngineFailure(RequestError):
-    kind = "internal"
+    status = "INTERNAL"
 
 
 _WAKE = object()
-_STATUS_NAMES = {
-    "invalid": "INVALID_ARGUMENT",
-    "exhausted": "RESOURCE_EXHAUSTED",
-    "unavailable": "UNAVAILABLE",
-    "internal": "INTERNAL",
-}

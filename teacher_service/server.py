@@ -24,7 +24,7 @@ from common.stubs import teacher_pb2 as pb
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from teacher_service.config import ServerConfig, TeacherConfig
 from teacher_service.engine_factory import build_engine
-from teacher_service.scoring import REQUEST_OVERHEAD_BYTES, Admission, Limits
+from teacher_service.scoring import Admission, Limits, max_request_bytes
 from teacher_service.servicer import TeacherServicer, add_to_server
 
 logger = logging.getLogger(__name__)
@@ -46,13 +46,12 @@ async def serve(config: TeacherConfig) -> None:
     admission = Admission(config.server.max_queued_positions)
     servicer = TeacherServicer(admission)
     health_servicer = health.aio.HealthServicer()
-    max_request_bytes = config.engine.max_model_len * 4 + REQUEST_OVERHEAD_BYTES
     server = grpc.aio.server(
         # Only TeacherService needs the token: health stays open for orchestrators, reflection for
         # grpcurl (its health check resolves the method by reflection); neither serves data.
         interceptors=[BearerTokenInterceptor(token, [SERVICE_NAME])] if token else None,
         options=[
-            ("grpc.max_receive_message_length", max_request_bytes),
+            ("grpc.max_receive_message_length", max_request_bytes(config.engine.max_model_len)),
             ("grpc.max_send_message_length", config.server.max_message_bytes),
         ],
     )

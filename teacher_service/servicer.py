@@ -14,13 +14,6 @@ from teacher_service import metrics
 from teacher_service.engine import TeacherEngine
 from teacher_service.scoring import Admission, Limits, Malformed, RequestError, StreamScorer
 
-_STATUS = {
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "internal": grpc.StatusCode.INTERNAL,
-}
-
 
 def add_to_server(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
     """The generated registration, but parsing requests cannot fail: bytes that are not a valid
@@ -94,6 +87,6 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             async for chunk in StreamScorer(self._engine, self._admission, self._limits).run(request_iterator):
                 yield chunk
         except RequestError as e:
-            await context.abort(_STATUS[e.kind], str(e))
+            await context.abort(grpc.StatusCode[e.status], str(e))
         finally:
             metrics.ACTIVE_STREAMS.dec()
