@@ -15,10 +15,10 @@ import numpy as np
 
 from common.codec import bytes_per_position
 from common.log import setup_logging
-from common.teacher_client import TeacherClient
 from common.teacher_process import TeacherProcess
 from common.tiny_models import ensure_tiny_models
 from common.tokenizer import load_tokenizer
+from teacher_service.probe_client import ProbeClient
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def main() -> None:
 
 
 async def _score(address: str, sequences, top_k: int, tokenizer) -> None:
-    async with TeacherClient(address) as client:
+    async with ProbeClient(address) as client:
         info = await client.info()
         logger.info(
             "teacher: engine=%s model=%s vocab=%d max_len=%d max_k=%d tokenizer=%s",

@@ -13,10 +13,10 @@ import torch
 from transformers import Qwen3NextForCausalLM
 
 from common.config import load_config
-from common.teacher_client import TeacherClient
 from common.teacher_process import TeacherProcess
 from common.tiny_models import DEMO_TEACHER_HEAD_DIM, ensure_demo_teacher, pad_linear_attention_heads
 from common.tokenizer import load_tokenizer
+from teacher_service.probe_client import ProbeClient
 from tests.conftest import ROOT
 from trainer.config import TrainerConfig
 from trainer.data import load_prepared
@@ -77,7 +77,7 @@ def test_vllm_bfloat16_serves_the_demo_teacher_at_its_distance(tmp_path, tiny_mo
         teacher.wait_serving()
 
         async def score():
-            async with TeacherClient(teacher.address) as client:
+            async with ProbeClient(teacher.address) as client:
                 return (await client.score([ids], TOP_K))[0]
 
         served = asyncio.run(score())

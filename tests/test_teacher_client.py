@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from common.teacher_client import TeacherClient as DirectClient
 from common.teacher_process import TeacherProcess, free_port
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from teacher_service.probe_client import ProbeClient
 from tests.conftest import adopt, start_teacher
 from tests.helpers import ATOL, VOCAB, random_ids, scrape_metrics
 from trainer import metrics
@@ -106,7 +106,7 @@ def expected(teacher_a, batches):
     flat = [seq for key in keys for seq in batches[key]]
 
     async def score():
-        async with DirectClient(teacher_a.address) as client:
+        async with ProbeClient(teacher_a.address) as client:
             return await client.score(flat, TOP_K + 1, timeout=300)
 
     results = iter(asyncio.run(score()))

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.codec import pack_token_ids
 from common.stubs import teacher_pb2 as pb
-from common.teacher_client import TeacherClient
+from teacher_service.probe_client import ProbeClient
 from tests.conftest import start_teacher
 from tests.helpers import assert_matches_reference, random_ids, scrape_metrics
 
@@ -93,7 +93,7 @@ def test_sigterm_while_loading_exits_cleanly(tmp_path_factory, tiny_models):
 
 
 async def _drain_while_scoring(teacher, sequences):
-    async with TeacherClient(teacher.address) as client:
+    async with ProbeClient(teacher.address) as client:
         scoring = asyncio.create_task(client.score(sequences, 5, timeout=300))
         while scrape_metrics(teacher.metrics_url).get(("teacher_inflight_requests", ()), 0) < len(sequences):
             await asyncio.sleep(0.05)
@@ -115,7 +115,7 @@ def test_cancelled_stream_aborts_engine_work(vllm_teacher):
     cancelled = ("teacher_requests_total", (("status", "CANCELLED"),))
 
     async def run():
-        async with TeacherClient(vllm_teacher.address) as client:
+        async with ProbeClient(vllm_teacher.address) as client:
             before = scrape_metrics(vllm_teacher.metrics_url).get(cancelled, 0)
             call = client.stub.Score(iter([pb.ScoreRequest(request_id="c", token_ids=pack_token_ids(ids), top_k=20)]))
             while scrape_metrics(vllm_teacher.metrics_url).get(("teacher_inflight_requests", ()), 0) < 1:

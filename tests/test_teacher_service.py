@@ -19,16 +19,16 @@ from prometheus_client import REGISTRY
 
 from common.codec import TopKAssembler, pack_token_ids
 from common.stubs import teacher_pb2 as pb
-from common.teacher_client import TeacherClient
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from teacher_service.config import EngineConfig
 from teacher_service.hf_engine import HFEngine
+from teacher_service.probe_client import ProbeClient
 from tests.helpers import ATOL, VOCAB, assert_matches_reference, random_ids, scrape_metrics
 
 
 def _score(address: str, sequences, top_k: int):
     async def run():
-        async with TeacherClient(address) as client:
+        async with ProbeClient(address) as client:
             return await client.score(sequences, top_k, timeout=300)
 
     return asyncio.run(run())
@@ -45,7 +45,7 @@ def test_long_sequence_arrives_in_several_chunks(vllm_teacher, reference):
     ids = random_ids(1500, seed=7)
 
     async def raw_chunks():
-        async with TeacherClient(vllm_teacher.address) as client:
+        async with ProbeClient(vllm_teacher.address) as client:
             request = pb.ScoreRequest(request_id="long", token_ids=pack_token_ids(ids), top_k=20)
             return [c async for c in client.stub.Score(iter([request]), timeout=300)]
 
@@ -109,7 +109,7 @@ def test_concurrent_streams_answer_each_request_id(vllm_teacher, reference):
         return done
 
     async def run():
-        async with TeacherClient(vllm_teacher.address) as client:
+        async with ProbeClient(vllm_teacher.address) as client:
             return await asyncio.gather(*(one_stream(client, s) for s in range(8)))
 
     for s, done in enumerate(asyncio.run(run())):
@@ -155,7 +155,7 @@ def test_bad_input_gets_status_and_server_keeps_serving(vllm_teacher, reference,
     good_ids = random_ids(50, seed=5)
 
     async def run():
-        async with TeacherClient(vllm_teacher.address) as client:
+        async with ProbeClient(vllm_teacher.address) as client:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in client.stub.Score(iter([bad]), timeout=60):
                     pass
@@ -172,7 +172,7 @@ def test_duplicate_request_id_fails_stream_but_loses_nothing(vllm_teacher, refer
     first = random_ids(3000, seed=11)
 
     async def run():
-        async with TeacherClient(vllm_teacher.address) as client:
+        async with ProbeClient(vllm_teacher.address) as client:
             requests = [_request(rid="same", ids=first, top_k=3), _request(rid="same", ids=[1, 2], top_k=3)]
             chunks = []
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -194,7 +194,7 @@ def test_full_queue_is_resource_exhausted(hf_teacher):
     requests = [_request(rid=f"q{i}", ids=random_ids(4001, seed=i), top_k=2) for i in range(4)]
 
     async def run():
-        async with TeacherClient(hf_teacher.address) as client:
+        async with ProbeClient(hf_teacher.address) as client:
             done = set()
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for chunk in client.stub.Score(iter(requests), timeout=300):
@@ -218,7 +218,7 @@ def test_waiting_requests_start_lowest_priority_first(request, reference, teache
     plan = {rid: (random_ids(length, seed=40 + i), 9 if rid != "e" else 0) for i, rid in enumerate("abcde")}
 
     async def run():
-        async with TeacherClient(address) as client:
+        async with ProbeClient(address) as client:
             requests = [
                 pb.ScoreRequest(request_id=rid, token_ids=pack_token_ids(ids), top_k=3, priority=priority)
                 for rid, (ids, priority) in plan.items()
@@ -242,7 +242,7 @@ def test_waiting_requests_start_lowest_priority_first(request, reference, teache
 
 def test_get_info_names_model_and_tokenizer(vllm_teacher, tiny_models):
     async def run():
-        async with TeacherClient(vllm_teacher.address) as client:
+        async with ProbeClient(vllm_teacher.address) as client:
             return await client.info()
 
     info = asyncio.run(run())

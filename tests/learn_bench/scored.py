@@ -27,10 +27,10 @@ import numpy as np
 
 from common.codec import TopK
 from common.dirs import dir_lock
-from common.teacher_client import TeacherClient
 from common.teacher_process import TeacherProcess
 from common.tiny_models import ensure_tiny_models
 from common.tokenizer import load_tokenizer
+from teacher_service.probe_client import ProbeClient
 from tests.learn_bench import task
 from tests.learn_bench.teachers import MAX_LENGTH, TOP_K, Factors, cache_root, ensure_teachers
 from trainer.data import render_trajectory
@@ -143,7 +143,7 @@ async def _score_families(addresses: dict[int, str], examples: Sequence[dict]) -
     rows = {c: [i for i, e in enumerate(examples) if e["family"] == c] for c in addresses}
 
     async def one(c: int) -> list[TopK]:
-        async with TeacherClient(addresses[c]) as client:
+        async with ProbeClient(addresses[c]) as client:
             return await client.score([examples[i]["input_ids"] for i in rows[c]], TOP_K)
 
     results: list[TopK | None] = [None] * len(examples)

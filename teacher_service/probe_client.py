@@ -1,4 +1,5 @@
-"""A small async client of the teacher service (used by tests, the demo and benchmarks).
+"""ProbeClient: a small async client of the teacher service for tests, the teacher demo and
+benchmarks (the trainer's production client is `trainer.teacher_client.TeacherClient`).
 
 ``score`` sends every sequence on one Score stream and assembles the interleaved chunks into
 ``TopK`` arrays by request id.
@@ -20,7 +21,7 @@ from common.stubs import teacher_pb2_grpc as pb_grpc
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 
 
-class TeacherClient:
+class ProbeClient:
     def __init__(self, address: str):
         self.address = address
         self.channel = grpc.aio.insecure_channel(
@@ -34,7 +35,7 @@ class TeacherClient:
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.bytes_received = 0
 
-    async def __aenter__(self) -> TeacherClient:
+    async def __aenter__(self) -> ProbeClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
