@@ -35,7 +35,7 @@ models: setup ## build (once) the tiny teacher, student and demo teacher in .cac
 	$(PY) -m common.tiny_models
 
 data: models ## tokenize the fixture trajectories with the student's tokenizer (prints the summary)
-	$(PY) -m trainer.prepare_data --tokenizer .cache/tiny-models/student --source tests/fixtures/swe_rebench_sample.jsonl --max-length 8192
+	$(PY) -m trainer.data --tokenizer .cache/tiny-models/student --source tests/fixtures/swe_rebench_sample.jsonl --max-length 8192
 
 lint: setup ## ruff format --check and ruff check (rules and line length in pyproject.toml)
 	$(PY) -m ruff format --check .

@@ -17,8 +17,11 @@ import pytest
 
 from common.tokenizer import load_tokenizer
 from tests.fixtures import make_swe_rebench_sample
-from trainer import data, prepare_data
-from trainer.data import BadRow, DataConfig
+from trainer import data
+from trainer.data import DataConfig, prepare, render
+from trainer.data import __main__ as data_cli
+from trainer.data import rows as source_rows
+from trainer.data.rows import BadRow
 
 FIXTURE = Path(__file__).parent / "fixtures" / "swe_rebench_sample.jsonl"
 COLUMNS = {
@@ -37,13 +40,13 @@ MAX_LENGTH = 8192
 # The fixture's malformed rows (see tests/fixtures/make_swe_rebench_sample.py) and the
 # reason each must be skipped for.
 MALFORMED = {
-    "malformed.missing_tools": data.MISSING_FIELD,
-    "malformed.bad_arguments": data.BAD_ARGUMENTS,
-    "malformed.arguments_not_object": data.BAD_ARGUMENTS,
-    "malformed.unknown_role": data.UNKNOWN_ROLE,
-    "malformed.empty_trajectory": data.EMPTY_TRAJECTORY,
-    "malformed.no_user_message": data.NO_USER_MESSAGE,
-    "malformed.user_content_null": data.MISSING_FIELD,
+    "malformed.missing_tools": source_rows.MISSING_FIELD,
+    "malformed.bad_arguments": source_rows.BAD_ARGUMENTS,
+    "malformed.arguments_not_object": source_rows.BAD_ARGUMENTS,
+    "malformed.unknown_role": source_rows.UNKNOWN_ROLE,
+    "malformed.empty_trajectory": source_rows.EMPTY_TRAJECTORY,
+    "malformed.no_user_message": source_rows.NO_USER_MESSAGE,
+    "malformed.user_content_null": source_rows.MISSING_FIELD,
 }
 HUGE_PROMPT = "celery__kombu-1820.run1"  # its prompt alone is longer than MAX_LENGTH
 LONG = "python-attrs__attrs-1144.run1"  # longer than MAX_LENGTH: truncated
@@ -73,7 +76,7 @@ def config(tmp: Path, **overrides) -> DataConfig:
 def prepared(tmp_path_factory, tokenizer):
     """(summary, dataset) of the gold subset of the fixture at MAX_LENGTH."""
     tmp = tmp_path_factory.mktemp("prepared")
-    summary = data.prepare(config(tmp), tokenizer, tmp / "out")
+    summary = prepare.prepare(config(tmp), tokenizer, tmp / "out")
     return summary, datasets.load_from_disk(str(tmp / "out"))
 
 
@@ -114,8 +117,8 @@ def mask_spans(mask: list[bool]) -> list[tuple[int, int]]:
 
 def test_loss_mask_is_exactly_the_assistant_turns(tokenizer, well_formed):
     for row in well_formed:
-        messages, tools = data.decode_row(row)
-        example = data.render_trajectory(messages, tools, tokenizer, max_length=10**6)
+        messages, tools = source_rows.decode_row(row)
+        example = render.render_trajectory(messages, tools, tokenizer, max_length=10**6)
         ids, mask = example["input_ids"], example["loss_mask"]
         spans = [tokenizer.decode(ids[a:b]) for a, b in mask_spans(mask)]
         expected = [expected_assistant_text(m) for m in row["trajectory"] if m["role"] == "assistant"]
@@ -129,8 +132,8 @@ def test_loss_mask_is_exactly_the_assistant_turns(tokenizer, well_formed):
 
 def test_prompt_is_system_and_first_user_message_and_a_prefix(tokenizer, well_formed):
     for row in well_formed:
-        messages, tools = data.decode_row(row)
-        example = data.render_trajectory(messages, tools, tokenizer, max_length=10**6)
+        messages, tools = source_rows.decode_row(row)
+        example = render.render_trajectory(messages, tools, tokenizer, max_length=10**6)
         prompt = example["prompt_ids"]
         assert example["input_ids"][: len(prompt)] == prompt
         assert not any(example["loss_mask"][: len(prompt)])
@@ -143,9 +146,9 @@ def test_prompt_is_system_and_first_user_message_and_a_prefix(tokenizer, well_fo
 
 def test_truncation_keeps_the_start_and_the_whole_prompt(tokenizer, well_formed):
     row = next(r for r in well_formed if r["trajectory_id"] == LONG)
-    messages, tools = data.decode_row(row)
-    full = data.render_trajectory(messages, tools, tokenizer, max_length=10**6)
-    cut = data.render_trajectory(messages, tools, tokenizer, max_length=MAX_LENGTH)
+    messages, tools = source_rows.decode_row(row)
+    full = render.render_trajectory(messages, tools, tokenizer, max_length=10**6)
+    cut = render.render_trajectory(messages, tools, tokenizer, max_length=MAX_LENGTH)
     assert full["length"] > MAX_LENGTH == cut["length"] == len(cut["input_ids"]) == len(cut["loss_mask"])
     assert cut["input_ids"] == full["input_ids"][:MAX_LENGTH]
     assert cut["loss_mask"] == full["loss_mask"][:MAX_LENGTH]
@@ -155,63 +158,66 @@ def test_truncation_keeps_the_start_and_the_whole_prompt(tokenizer, well_formed)
 
 def test_prompt_longer_than_the_limit_is_skipped(tokenizer, well_formed):
     row = next(r for r in well_formed if r["trajectory_id"] == HUGE_PROMPT)
-    messages, tools = data.decode_row(row)
-    prompt_length = data.render_trajectory(messages, tools, tokenizer, max_length=10**6)["prompt_length"]
+    messages, tools = source_rows.decode_row(row)
+    prompt_length = render.render_trajectory(messages, tools, tokenizer, max_length=10**6)["prompt_length"]
     assert prompt_length > MAX_LENGTH
     with pytest.raises(BadRow) as bad:
-        data.render_trajectory(messages, tools, tokenizer, max_length=prompt_length - 1)
-    assert bad.value.reason == data.PROMPT_TOO_LONG
+        render.render_trajectory(messages, tools, tokenizer, max_length=prompt_length - 1)
+    assert bad.value.reason == source_rows.PROMPT_TOO_LONG
     # Room for the prompt and the next turn's header (`<|im_start|>assistant\n`), not one
     # assistant token: nothing to train on.
     with pytest.raises(BadRow) as bad:
-        data.render_trajectory(messages, tools, tokenizer, max_length=prompt_length + 3)
-    assert bad.value.reason == data.NO_ASSISTANT_TOKENS
-    assert data.render_trajectory(messages, tools, tokenizer, max_length=prompt_length + 4)["loss_mask"][-1]
+        render.render_trajectory(messages, tools, tokenizer, max_length=prompt_length + 3)
+    assert bad.value.reason == source_rows.NO_ASSISTANT_TOKENS
+    assert render.render_trajectory(messages, tools, tokenizer, max_length=prompt_length + 4)["loss_mask"][-1]
 
 
 def test_malformed_rows_are_rejected_with_their_reason(rows):
     for row in rows:
         if row["trajectory_id"] in MALFORMED:
             with pytest.raises(BadRow) as bad:
-                data.decode_row(row)
+                source_rows.decode_row(row)
             assert bad.value.reason == MALFORMED[row["trajectory_id"]], row["trajectory_id"]
 
 
 def test_decode_accepts_json_strings(well_formed):
     for row in well_formed:
         encoded = {**row, "trajectory": json.dumps(row["trajectory"]), "tools": json.dumps(row["tools"])}
-        assert data.decode_row(encoded) == data.decode_row(row)
-    with pytest.raises(BadRow, match=data.BAD_JSON):
-        data.decode_row({**row, "trajectory": '[{"role": "user"'})
+        assert source_rows.decode_row(encoded) == source_rows.decode_row(row)
+    with pytest.raises(BadRow, match=source_rows.BAD_JSON):
+        source_rows.decode_row({**row, "trajectory": '[{"role": "user"'})
 
 
 def test_decode_accepts_arrow_structs(tmp_path, well_formed):
     """Parquet with nested structs: every struct carries the union of all fields (nulls)."""
     pq.write_table(pa.Table.from_pylist(well_formed), tmp_path / "rows.parquet")
-    loaded = data.load_source(config(tmp_path, source=str(tmp_path / "rows.parquet")))
+    loaded = source_rows.load_source(config(tmp_path, source=str(tmp_path / "rows.parquet")))
     assert loaded.num_rows == len(well_formed)
     for row, struct_row in zip(well_formed, loaded, strict=True):
-        assert data.decode_row(struct_row) == data.decode_row(row)
+        assert source_rows.decode_row(struct_row) == source_rows.decode_row(row)
 
 
 def test_prepare_counts_kept_and_skipped_rows(prepared, rows):
     summary, dataset = prepared
     gold = [r for r in rows if r.get("resolved") == 1 and r["trajectory_id"] not in MALFORMED]
-    expected_skips = {data.NOT_RESOLVED: sum(r.get("resolved") == 0 for r in rows), data.PROMPT_TOO_LONG: 1}
+    expected_skips = {
+        source_rows.NOT_RESOLVED: sum(r.get("resolved") == 0 for r in rows),
+        source_rows.PROMPT_TOO_LONG: 1,
+    }
     for reason in MALFORMED.values():
         expected_skips[reason] = expected_skips.get(reason, 0) + 1
     assert summary.rows == len(rows)
     assert summary.skipped == dict(sorted(expected_skips.items()))
-    assert set(summary.skipped) <= set(data.SKIP_REASONS)
+    assert set(summary.skipped) <= set(source_rows.SKIP_REASONS)
     assert summary.kept == len(dataset) == len(gold) - 1 == summary.rows - sum(summary.skipped.values())
     assert set(dataset["trajectory_id"]) == {r["trajectory_id"] for r in gold} - {HUGE_PROMPT}
     assert summary.truncated == 1
-    assert summary.skipped_examples[data.PROMPT_TOO_LONG] == [HUGE_PROMPT]
+    assert summary.skipped_examples[source_rows.PROMPT_TOO_LONG] == [HUGE_PROMPT]
 
 
 def test_prepared_dataset_columns_and_summary(prepared, tmp_path):
     summary, dataset = prepared
-    assert dataset.features == datasets.Features(data.STORED_FEATURES)
+    assert dataset.features == datasets.Features(render.STORED_FEATURES)
     lengths = np.asarray(dataset["length"])
     assert [len(ids) for ids in dataset["input_ids"]] == lengths.tolist()
     assert [len(mask) for mask in dataset["loss_mask"]] == lengths.tolist()
@@ -222,16 +228,16 @@ def test_prepared_dataset_columns_and_summary(prepared, tmp_path):
     for example in dataset:
         assert example["input_ids"][: len(example["prompt_ids"])] == example["prompt_ids"]
     saved = Path(dataset.cache_files[0]["filename"]).parent
-    assert json.loads((saved / data.SUMMARY_FILE).read_text()) == asdict(summary)
-    assert data.load_summary(saved) == summary
+    assert json.loads((saved / prepare.SUMMARY_FILE).read_text()) == asdict(summary)
+    assert prepare.load_summary(saved) == summary
 
 
 def test_all_subset_with_workers_matches_gold(prepared, tmp_path, tokenizer, rows):
     """`all` keeps the unresolved rows; two worker processes give the same examples."""
     _, gold = prepared
-    summary = data.prepare(config(tmp_path, subset="all", num_proc=2), tokenizer, tmp_path / "all")
+    summary = prepare.prepare(config(tmp_path, subset="all", num_proc=2), tokenizer, tmp_path / "all")
     everything = datasets.load_from_disk(str(tmp_path / "all"))
-    assert data.NOT_RESOLVED not in summary.skipped
+    assert source_rows.NOT_RESOLVED not in summary.skipped
     unresolved = {r["trajectory_id"] for r in rows if r.get("resolved") == 0}
     assert unresolved <= set(everything["trajectory_id"])
     by_id = {e["trajectory_id"]: e for e in everything}
@@ -240,36 +246,36 @@ def test_all_subset_with_workers_matches_gold(prepared, tmp_path, tokenizer, row
 
 
 def test_load_prepared_prepares_once_per_setting(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "tokenizer_fingerprint", lambda tokenizer: "fingerprint")  # ~1 s per call
+    monkeypatch.setattr(prepare, "tokenizer_fingerprint", lambda tokenizer: "fingerprint")  # ~1 s per call
     cfg = config(tmp_path, max_length=4096, token_budget=4096)
-    first = data.load_prepared(cfg, tokenizer)
-    assert data.prepared_dir(cfg, tokenizer).is_dir()
-    monkeypatch.setattr(data, "prepare", lambda *a: pytest.fail("prepared again"))
-    assert data.load_prepared(cfg, tokenizer)["trajectory_id"] == first["trajectory_id"]
+    first = prepare.load_prepared(cfg, tokenizer)
+    assert prepare.prepared_dir(cfg, tokenizer).is_dir()
+    monkeypatch.setattr(prepare, "prepare", lambda *a: pytest.fail("prepared again"))
+    assert prepare.load_prepared(cfg, tokenizer)["trajectory_id"] == first["trajectory_id"]
     other = config(tmp_path, max_length=4095, token_budget=4096)
-    assert data.prepared_dir(other, tokenizer) != data.prepared_dir(cfg, tokenizer)
-    dataset, sampler = data.build(cfg, tokenizer, rank=1, world_size=2)
+    assert prepare.prepared_dir(other, tokenizer) != prepare.prepared_dir(cfg, tokenizer)
+    dataset, sampler = prepare.build(cfg, tokenizer, rank=1, world_size=2)
     assert len(dataset) == len(first) and len(sampler) == sampler.num_batches // 2
 
 
 def test_hub_names_and_local_files_share_load_dataset(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)))
-    data.load_source(config(tmp_path, source=data.HUB_DATASET, split="train"))
-    data.load_source(config(tmp_path))
+    source_rows.load_source(config(tmp_path, source=data.HUB_DATASET, split="train"))
+    source_rows.load_source(config(tmp_path))
     cache = str(tmp_path / "cache" / "hf")
     assert calls == [
         ((data.HUB_DATASET,), {"split": "train", "cache_dir": cache}),
         (("json",), {"data_files": {"train": [str(FIXTURE)]}, "split": "train", "cache_dir": cache}),
     ]
     with pytest.raises(FileNotFoundError):
-        data.load_source(config(tmp_path, source=str(tmp_path / "missing.parquet")))
+        source_rows.load_source(config(tmp_path, source=str(tmp_path / "missing.parquet")))
 
 
 def test_template_without_generation_blocks_is_refused(tokenizer):
-    data.check_chat_template(tokenizer)
+    render.check_chat_template(tokenizer)
     with pytest.raises(ValueError, match="generation"):
-        data.check_chat_template(SimpleNamespace(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}"))
+        render.check_chat_template(SimpleNamespace(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}"))
 
 
 def test_config_validation():
@@ -281,7 +287,7 @@ def test_config_validation():
 
 def test_cli_prints_and_saves_the_summary(tmp_path, tiny_models, capsys):
     out = tmp_path / "prepared"
-    prepare_data.main(
+    data_cli.main(
         [
             "--tokenizer",
             str(tiny_models.student),
@@ -296,7 +302,7 @@ def test_cli_prints_and_saves_the_summary(tmp_path, tiny_models, capsys):
         ]
     )
     printed = capsys.readouterr().out
-    summary = data.load_summary(out)
+    summary = prepare.load_summary(out)
     assert f"prepared {summary.kept} of {summary.rows} rows" in printed
     assert re.search(rf"prompt_too_long +1  e\.g\. {re.escape(HUGE_PROMPT)}\n", printed)
     assert "tokens/s" in printed

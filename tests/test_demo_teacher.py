@@ -19,7 +19,7 @@ from common.tokenizer import load_tokenizer
 from teacher_service.probe_client import ProbeClient
 from tests.conftest import ROOT
 from trainer.config import TrainerConfig
-from trainer.data import load_prepared
+from trainer.data.prepare import load_prepared
 from trainer.loss import topk_kl_per_position
 
 TEACHER_DEMO_CONFIG = ROOT / "deploy/configs/teacher.demo.yaml"

@@ -21,6 +21,7 @@ from common.config import config_to_dict, load_config
 from common.teacher_process import free_port
 from trainer.checkpoint import CheckpointConfig, Checkpointer
 from trainer.config import OptimConfig, TrainerConfig
+from trainer.data.sampler import collate
 from trainer.eval import (
     EvalReport,
     HeldOut,
@@ -32,7 +33,6 @@ from trainer.eval import (
 )
 from trainer.hypernetwork import HyperLoRA, build_hyper_lora
 from trainer.loss import topk_kl_loss, topk_kl_per_position
-from trainer.sampler import collate
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"

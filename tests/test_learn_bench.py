@@ -15,7 +15,7 @@ from common.codec import TopK
 from tests.learn_bench import scored as scored_module
 from tests.learn_bench import task, teachers
 from tests.learn_bench.scored import load_scored
-from trainer.sampler import collate
+from trainer.data.sampler import collate
 
 N = 2
 """Samples per split and variant."""

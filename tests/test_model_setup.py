@@ -95,7 +95,7 @@ def test_template_without_generation_blocks_fails_before_loading(tiny_models, tm
 
 
 def test_prepare_data_takes_the_chat_template(tiny_models, tmp_path):
-    from trainer.prepare_data import main
+    from trainer.data.__main__ import main
 
     student = tmp_path / "student"
     shutil.copytree(tiny_models.student, student)
@@ -259,9 +259,9 @@ def _unsharded_layers(student) -> list[int]:
 def _check_sharding(args, overrides: list[str]) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from trainer.data.sampler import Batch
     from trainer.distributed import init_distributed
     from trainer.model import build_models
-    from trainer.sampler import Batch
     from trainer.train import distill_loss
 
     config = _cpu_config(*overrides)

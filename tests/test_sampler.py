@@ -1,4 +1,4 @@
-"""trainer.sampler: token budget, bucketing, DP sharding, per-epoch shuffle, exact resume,
+"""trainer.data.sampler: token budget, bucketing, DP sharding, per-epoch shuffle, exact resume,
 and the padded batches."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from trainer.data import STORED_FEATURES
-from trainer.sampler import Batch, LengthBucketSampler, collate, iterate_batches
+from trainer.data.render import STORED_FEATURES
+from trainer.data.sampler import Batch, LengthBucketSampler, collate, iterate_batches
 
 BUDGET = 4096
 PAD = 151643

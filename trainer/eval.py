@@ -50,13 +50,13 @@ from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from trainer import metrics
 from trainer.checkpoint import checkpoint_path, load_weights, read_train_state
 from trainer.config import OptimConfig, TrainerConfig
-from trainer.data_loading import PhaseData, load_phase_data
+from trainer.data.phase import PhaseData, load_phase_data
+from trainer.data.sampler import Batch, batch_sequences, collate, teacher_tensors
 from trainer.distributed import all_reduce_sum, close_distributed, init_distributed
 from trainer.hypernetwork import HyperLoRA, build_hyper_lora
 from trainer.lora import GeneratedLoRA, hyper_lora
 from trainer.loss import topk_kl_per_position
 from trainer.model import build_models, shard_adapter
-from trainer.sampler import Batch, batch_sequences, collate, teacher_tensors
 from trainer.teacher_client import TeacherClient
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from trainer.config import StudentConfig, TrainerConfig
-from trainer.data import check_chat_template
+from trainer.data.render import check_chat_template
 from trainer.distributed import DistInfo
 from trainer.hypernetwork import HyperLoRA, build_hyper_lora
 from trainer.lora import enable_gradient_checkpointing

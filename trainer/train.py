@@ -26,14 +26,14 @@ from common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from trainer import metrics
 from trainer.checkpoint import Checkpointer, resolve_resume
 from trainer.config import OptimConfig, PhaseConfig, TrainerConfig
-from trainer.data_loading import PhaseData, load_phase_data
+from trainer.data.phase import PhaseData, load_phase_data
+from trainer.data.sampler import Batch, batch_sequences, teacher_tensors
 from trainer.distributed import all_reduce_sum, close_distributed, init_distributed
 from trainer.eval import EvalReport, eval_adapters, evaluate_held_out, publish
 from trainer.hypernetwork import HyperLoRA
 from trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
 from trainer.loss import topk_kl_loss
 from trainer.model import build_models
-from trainer.sampler import Batch, batch_sequences, teacher_tensors
 from trainer.teacher_client import TeacherClient, TeacherClientStats
 from trainer.tracking import RunLog
 

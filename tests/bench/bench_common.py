@@ -130,7 +130,7 @@ def demo_sequences(total_positions: int) -> list[np.ndarray]:
     """Prepared demo trajectories (int32 [T_i]), cycled and the last one cut, so that the
     positions (sum of T_i - 1) add up to exactly ``total_positions``."""
     from common.tokenizer import load_tokenizer
-    from trainer.data import load_prepared
+    from trainer.data.prepare import load_prepared
 
     dataset = load_prepared(trainer_data_config(), load_tokenizer(_tiny().student))
     examples = [np.asarray(ids, dtype=np.int32) for ids in dataset["input_ids"]]

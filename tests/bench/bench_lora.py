@@ -52,8 +52,8 @@ def demo_batch(config):
     """The two longest prepared trajectories cut to SEQ_LEN, collated as the trainer does."""
     from common.tokenizer import load_tokenizer
     from tests.bench.bench_common import trainer_data_config
-    from trainer.data import load_prepared
-    from trainer.sampler import collate
+    from trainer.data.prepare import load_prepared
+    from trainer.data.sampler import collate
 
     tokenizer = load_tokenizer(config.student.path)
     dataset = load_prepared(trainer_data_config(), tokenizer)

@@ -87,7 +87,7 @@ def training_sequences() -> list:
     from common.tiny_models import ensure_tiny_models
     from common.tokenizer import load_tokenizer
     from tests.bench.bench_common import trainer_data_config
-    from trainer.data import load_prepared
+    from trainer.data.prepare import load_prepared
 
     dataset = load_prepared(trainer_data_config(), load_tokenizer(ensure_tiny_models().student))
     return [np.asarray(ids, dtype=np.int32) for ids in dataset["input_ids"]]

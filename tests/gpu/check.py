@@ -562,7 +562,7 @@ def synthetic_inputs(tokens: int, prompt: int, top_k: int, device, seed: int):
     logprobs float32 [1, T-1, K], mask bool [1, T-1])."""
     import torch
 
-    from trainer.sampler import Batch
+    from trainer.data.sampler import Batch
 
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, VOCAB_BPE, (1, tokens), generator=gen)

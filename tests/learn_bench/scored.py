@@ -33,7 +33,7 @@ from common.tokenizer import load_tokenizer
 from teacher_service.probe_client import ProbeClient
 from tests.learn_bench import task
 from tests.learn_bench.teachers import MAX_LENGTH, TOP_K, Factors, cache_root, ensure_teachers
-from trainer.data import render_trajectory
+from trainer.data.render import render_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ScoredSet:
     """One variant's samples with their teacher's top-K, and what the oracle arm needs."""
 
     train: list[dict]
-    """Examples for `trainer.sampler.collate` (``input_ids`` int32 [T], ``loss_mask`` bool [T],
+    """Examples for `trainer.data.sampler.collate` (``input_ids`` int32 [T], ``loss_mask`` bool [T],
     ``prompt_ids`` int32 [P], ``trajectory_id``) plus ``family``, ``paraphrase`` (index in the
     family's list), ``teacher_ids`` int32 [T-1, K] and ``teacher_logprobs`` float32 [T-1, K]
     (position t: the teacher's distribution of token t+1)."""

@@ -33,11 +33,11 @@ from common.dirs import dir_lock, replace_dir
 from common.tiny_models import build_lora_teacher, default_cache_dir, ensure_tiny_models
 from common.tokenizer import load_tokenizer
 from tests.learn_bench import task
-from trainer.data import render_trajectory
+from trainer.data.render import render_trajectory
+from trainer.data.sampler import Batch, collate
 from trainer.hypernetwork import find_targets
 from trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora, wrap_targets
 from trainer.loss import topk_kl_loss
-from trainer.sampler import Batch, collate
 
 log = logging.getLogger(__name__)
 

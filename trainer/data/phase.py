@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import datasets
 
 from trainer.config import PhaseConfig, TrainerConfig
-from trainer.data import load_prepared
+from trainer.data.prepare import load_prepared
+from trainer.data.sampler import Batch, LengthBucketSampler, collate, iterate_batches
 from trainer.distributed import DistInfo
-from trainer.sampler import Batch, LengthBucketSampler, collate, iterate_batches
 
 logger = logging.getLogger(__name__)
 
