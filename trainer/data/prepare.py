@@ -40,7 +40,6 @@ from common.tokenizer import tokenizer_fingerprint
 from trainer.data import DataConfig
 from trainer.data.render import RENDERED_FEATURES, STATS_FEATURES, BatchRenderer, check_chat_template
 from trainer.data.rows import load_source, local_files
-from trainer.data.sampler import LengthBucketSampler
 
 log = logging.getLogger(__name__)
 
@@ -260,17 +259,6 @@ def load_prepared(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dat
             log.info("no prepared data at %s: preparing", path)
             prepare(config, tokenizer, path)
     return datasets.load_from_disk(str(path))
-
-
-def build(
-    config: DataConfig, tokenizer: PreTrainedTokenizerBase, *, rank: int = 0, world_size: int = 1
-) -> tuple[datasets.Dataset, LengthBucketSampler]:
-    """The prepared examples (prepared first if missing) and this rank's batch sampler."""
-    dataset = load_prepared(config, tokenizer)
-    sampler = LengthBucketSampler(
-        dataset["length"], token_budget=config.token_budget, seed=config.seed, rank=rank, world_size=world_size
-    )
-    return dataset, sampler
 
 
 def load_summary(path: str | Path) -> PrepareSummary:
