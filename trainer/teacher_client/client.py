@@ -40,205 +40,33 @@ import math
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import replace
 
 import grpc
 import numpy as np
 
 from common.codec import TopK, TopKAssembler, pack_token_ids
-from common.security import channel_credentials, check_tls_config, read_token
+from common.security import channel_credentials, read_token
 from common.stubs import teacher_pb2 as pb
 from common.stubs import teacher_pb2_grpc as pb_grpc
+from trainer.teacher_client.config import (
+    RETRYABLE_CODES,
+    TeacherClientConfig,
+    TeacherClientStats,
+    TeacherError,
+    TeacherMismatchError,
+    TeacherRequestError,
+    TeacherUnavailableError,
+)
+from trainer.teacher_client.core import AUTH_CODES, Job, Link, Request, Stream, request_iterator
+from trainer.teacher_client.prefetch import B, Prefetcher
 
 logger = logging.getLogger(__name__)
 
-B = TypeVar("B")
 
-# Codes after which a stream's unanswered requests are resubmitted. A non-retryable code whose
-# message names none of the stream's requests is treated the same way (grpc reports some
-# connection drops as UNKNOWN), so it is retried until the budget runs out.
-RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-# Codes with which a teacher refuses this client's credentials: no retry helps, so `start` fails at once.
-_AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 # The server caps request ids at 256 characters; the key's part of ours is capped below that.
 _MAX_KEY_CHARS = 160
-
-
-class TeacherError(RuntimeError):
-    """Base class of the teacher client's errors."""
-
-
-class TeacherMismatchError(TeacherError):
-    """A teacher serves another vocabulary or tokenizer than the student's, or a smaller top-K."""
-
-
-class TeacherUnavailableError(TeacherError):
-    """No teacher answered in time (at start, or within a request's retry budget)."""
-
-
-class TeacherRequestError(TeacherError):
-    """A teacher refused a request with a non-retryable status (e.g. INVALID_ARGUMENT)."""
-
-
-@dataclass(kw_only=True)
-class TeacherClientConfig:
-    """Where the teachers are, what to ask them, and how long to wait and retry."""
-
-    addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50051"])
-    """Teacher gRPC addresses (``host:port``); requests are spread over them round robin."""
-    top_k: int = 20
-    """K of the top-K log-probs asked for; must not exceed any teacher's ``max_top_k``."""
-    prefetch_batches: int = 2
-    """N: batches ``prefetch`` keeps submitted ahead of the one being trained on."""
-    request_timeout_seconds: float = 300.0
-    """Deadline of one attempt of one sequence, from being written to a stream to its last
-    chunk. It includes queueing behind this client's other requests, so it must cover the
-    scoring of ``prefetch_batches`` whole batches. A missed deadline fails the attempt and the
-    stream it was on (cancelling that stream aborts its work on the teacher)."""
-    retry_budget_seconds: float = 900.0
-    """Time a sequence may spend being retried, counted from its first failed attempt, before
-    its batch fails with ``TeacherUnavailableError``. Covers a teacher restart (vLLM loading a
-    480B FP8 checkpoint takes minutes)."""
-    backoff_initial_seconds: float = 0.5
-    """First wait before an address whose stream failed is used again; doubles per failure."""
-    backoff_max_seconds: float = 15.0
-    """Cap of that wait (each wait is drawn uniformly in [0.5, 1] x the exponential value)."""
-    connect_timeout_seconds: float = 300.0
-    """``start``: how long to wait for each teacher to answer GetInfo (it may be loading)."""
-    max_message_bytes: int = 64 * 1024 * 1024
-    """Largest gRPC message sent or received; must be >= the teachers' ``max_message_bytes``."""
-    tls_ca_file: str | None = None
-    """PEM CA certificates that signed the teachers' certificates. Set: TLS to every address
-    (the teachers' ``server.tls_cert_file``); unset: plaintext."""
-    tls_cert_file: str | None = None
-    """PEM client certificate chain, for teachers that require one (``server.tls_client_ca_file``:
-    mutual TLS); with ``tls_key_file``. Needs ``tls_ca_file``."""
-    tls_key_file: str | None = None
-    """PEM private key of ``tls_cert_file``."""
-    tls_server_name: str | None = None
-    """Name to check the teachers' certificates against instead of the host in ``addresses`` (e.g.
-    when they are reached by an IP their certificate does not list). Needs ``tls_ca_file``."""
-    auth_token_env: str | None = None
-    """Name of the environment variable holding the bearer token sent with every call (the
-    teachers' ``server.auth_token_env``); ``start`` fails when it is unset or empty. Needs
-    ``tls_ca_file``: the token is sent as call credentials, which gRPC sends only over TLS."""
-
-    def __post_init__(self) -> None:
-        check_tls_config(
-            self, "teacher", switch="tls_ca_file", dependents=("tls_cert_file", "tls_server_name", "auth_token_env")
-        )
-        if not self.addresses or not all(isinstance(a, str) and a for a in self.addresses):
-            raise ValueError(f"addresses must be a non-empty list of host:port strings, got {self.addresses!r}")
-        if self.top_k < 1 or self.prefetch_batches < 0:
-            raise ValueError(f"top_k must be >= 1 and prefetch_batches >= 0, got {self.top_k}, {self.prefetch_batches}")
-        for name in (
-            "request_timeout_seconds",
-            "retry_budget_seconds",
-            "backoff_initial_seconds",
-            "backoff_max_seconds",
-            "connect_timeout_seconds",
-        ):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.backoff_max_seconds < self.backoff_initial_seconds:
-            raise ValueError(
-                f"backoff_max_seconds {self.backoff_max_seconds} < backoff_initial_seconds "
-                f"{self.backoff_initial_seconds}"
-            )
-        if self.max_message_bytes < 64 * 1024:
-            raise ValueError(f"max_message_bytes must be >= 65536, got {self.max_message_bytes}")
-
-
-@dataclass
-class TeacherClientStats:
-    """Counters for the trainer's metrics (a snapshot; ``TeacherClient.stats``)."""
-
-    retries: int = 0
-    """Sequence attempts resubmitted after a failed one."""
-    failures: int = 0
-    """Batches whose future failed (refused, malformed answer or retry budget exhausted)."""
-    bytes_received: int = 0
-    """Serialized bytes of all ScoreChunks received."""
-    last_wait_seconds: float = 0.0
-    """Seconds the last ``result`` call blocked."""
-
-
-@dataclass(eq=False)
-class _Job:
-    """One submitted batch: its future and one ``_Request`` per sequence."""
-
-    key: Hashable
-    serial: int
-    priority: int
-    future: concurrent.futures.Future
-    requests: list[_Request] = field(default_factory=list)
-    results: list[TopK | None] = field(default_factory=list)
-    remaining: int = 0
-    done: bool = False
-
-
-@dataclass(eq=False)
-class _Request:
-    """One sequence of a job and the state of its current attempt (loop thread only)."""
-
-    job: _Job
-    index: int
-    token_ids: bytes
-    """int32 little-endian [T], packed once so every attempt sends the same sequence."""
-    num_positions: int
-    attempts: int = 0
-    rid: str = ""
-    stream: _Stream | None = None
-    assembler: TopKAssembler | None = None
-    timer: asyncio.TimerHandle | None = None
-    retry_handle: asyncio.TimerHandle | None = None
-    retry_deadline: float | None = None
-    last_status: str = "none"
-
-    def cancel_timers(self) -> None:
-        for handle in (self.timer, self.retry_handle):
-            if handle is not None:
-                handle.cancel()
-        self.timer = self.retry_handle = None
-
-
-@dataclass(eq=False)
-class _Stream:
-    """One Score call: the queue feeding its request iterator and its unanswered requests."""
-
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    pending: dict[str, _Request] = field(default_factory=dict)
-    task: asyncio.Task | None = None
-    failure: tuple[grpc.StatusCode, str] | None = None
-
-
-@dataclass(eq=False)
-class _Link:
-    """One teacher address: its channel, current stream and health."""
-
-    address: str
-    channel: grpc.aio.Channel
-    stub: pb_grpc.TeacherServiceStub
-    stream: _Stream | None = None
-    verified: bool = False
-    failures: int = 0
-    down_until: float = 0.0
-
-
-async def _requests(queue: asyncio.Queue) -> AsyncIterator[pb.ScoreRequest]:
-    """A stream's request iterator; ``None`` ends it (so grpc's writer task exits)."""
-    while (request := await queue.get()) is not None:
-        yield request
 
 
 class TeacherClient:
@@ -259,8 +87,8 @@ class TeacherClient:
         # Own RNG for jitter: the trainer's global `random` state is checkpointed and must not move.
         self._rng = random.Random()
         # Loop-thread state.
-        self._links: list[_Link] = []
-        self._jobs: set[_Job] = set()
+        self._links: list[Link] = []
+        self._jobs: set[Job] = set()
         self._next_link = 0
         self._closing = False
         self._expected: tuple[int, str] = (0, "")
@@ -311,8 +139,8 @@ class TeacherClient:
                 raise ValueError(f"batch key {key!r} is already submitted and not yet collected")
             packed = [self._pack(key, i, seq) for i, seq in enumerate(sequences)]
             self._futures[key] = future
-            job = _Job(key=key, serial=next(self._serials), priority=priority, future=future)
-        job.requests = [_Request(job, i, data, len(data) // 4 - 1) for i, data in enumerate(packed)]
+            job = Job(key=key, serial=next(self._serials), priority=priority, future=future)
+        job.requests = [Request(job, i, data, len(data) // 4 - 1) for i, data in enumerate(packed)]
         job.results, job.remaining = [None] * len(packed), len(packed)
         future.add_done_callback(lambda f: self._on_future_done(job, f))
         self._loop.call_soon_threadsafe(self._start_job, job)
@@ -399,7 +227,7 @@ class TeacherClient:
             )
         return pack_token_ids(arr)
 
-    def _on_future_done(self, job: _Job, future: concurrent.futures.Future) -> None:
+    def _on_future_done(self, job: Job, future: concurrent.futures.Future) -> None:
         """Runs in the thread that completed or cancelled ``future``."""
         if future.cancelled() and not self._closed:
             self._loop.call_soon_threadsafe(self._abandon_job, job)
@@ -433,7 +261,7 @@ class TeacherClient:
                     outcome.max_top_k,
                 )
 
-    def _make_link(self, address: str) -> _Link:
+    def _make_link(self, address: str) -> Link:
         initial_ms = int(self.config.backoff_initial_seconds * 1000)
         # grpc's own reconnect backoff (default max 120 s) would keep a restarted teacher's
         # channel failing long after it is back; align it with ours.
@@ -449,9 +277,9 @@ class TeacherClient:
             if self.config.tls_server_name:
                 options.append(("grpc.ssl_target_name_override", self.config.tls_server_name))
             channel = grpc.aio.secure_channel(address, self._credentials, options=options)
-        return _Link(address=address, channel=channel, stub=pb_grpc.TeacherServiceStub(channel))
+        return Link(address=address, channel=channel, stub=pb_grpc.TeacherServiceStub(channel))
 
-    async def _await_info(self, link: _Link) -> pb.TeacherInfo:
+    async def _await_info(self, link: Link) -> pb.TeacherInfo:
         """GetInfo with backoff until it answers (loading teachers say UNAVAILABLE) or time is up."""
         timeout = self.config.connect_timeout_seconds
         deadline = self._loop.time() + timeout
@@ -461,7 +289,7 @@ class TeacherClient:
                 info = await link.stub.GetInfo(pb.GetInfoRequest(), timeout=remaining, wait_for_ready=True)
             except grpc.aio.AioRpcError as e:
                 last = f"{e.code().name}: {e.details()}"
-                if e.code() in _AUTH_CODES:
+                if e.code() in AUTH_CODES:
                     raise TeacherRequestError(
                         f"teacher at {link.address} refused this client ({last}): check teacher.auth_token_env "
                         "and the token it names against the teacher's server.auth_token_env"
@@ -508,7 +336,7 @@ class TeacherClient:
 
     # ----- loop thread: jobs and requests -----
 
-    def _start_job(self, job: _Job) -> None:
+    def _start_job(self, job: Job) -> None:
         if job.future.cancelled() or self._closing:
             return
         if not job.requests:
@@ -518,7 +346,7 @@ class TeacherClient:
         for request in job.requests:
             self._dispatch(request)
 
-    def _dispatch(self, request: _Request) -> None:
+    def _dispatch(self, request: Request) -> None:
         """Send ``request`` on the next address that is up, or wait for one within the budget."""
         request.retry_handle = None
         if request.job.done or self._closing:
@@ -537,7 +365,7 @@ class TeacherClient:
             return
         self._send(link, request)
 
-    def _pick_link(self, now: float) -> _Link | None:
+    def _pick_link(self, now: float) -> Link | None:
         """Round robin over the addresses whose backoff has passed."""
         count = len(self._links)
         for step in range(count):
@@ -547,14 +375,14 @@ class TeacherClient:
                 return self._links[index]
         return None
 
-    def _send(self, link: _Link, request: _Request) -> None:
+    def _send(self, link: Link, request: Request) -> None:
         """Write a new attempt of ``request`` to ``link``'s stream (opened if needed)."""
         request.attempts += 1
         job = request.job
         request.rid = f"{job.serial}:{str(job.key)[:_MAX_KEY_CHARS]}/{request.index}/{request.attempts - 1}"
         request.assembler = TopKAssembler(request.num_positions, self.config.top_k)
         if link.stream is None:
-            link.stream = _Stream()
+            link.stream = Stream()
             link.stream.task = self._loop.create_task(self._run_stream(link, link.stream))
         stream = link.stream
         stream.pending[request.rid] = request
@@ -568,7 +396,7 @@ class TeacherClient:
             )
         )
 
-    def _on_deadline(self, stream: _Stream, rid: str) -> None:
+    def _on_deadline(self, stream: Stream, rid: str) -> None:
         """An attempt missed its deadline: fail its stream (cancelling it aborts the teacher's work)."""
         if rid in stream.pending and stream.failure is None and stream.task is not None:
             stream.failure = (
@@ -577,20 +405,20 @@ class TeacherClient:
             )
             stream.task.cancel()
 
-    def _deliver(self, request: _Request, topk: TopK) -> None:
+    def _deliver(self, request: Request, topk: TopK) -> None:
         job = request.job
         job.results[request.index] = topk
         job.remaining -= 1
         if job.remaining == 0:
             self._finish(job)
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         job.done = True
         self._jobs.discard(job)
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by the caller meanwhile
             job.future.set_result(job.results)
 
-    def _fail_job(self, job: _Job, error: TeacherError) -> None:
+    def _fail_job(self, job: Job, error: TeacherError) -> None:
         if job.done:
             return
         self._abandon_job(job)
@@ -599,7 +427,7 @@ class TeacherClient:
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by the caller meanwhile
             job.future.set_exception(error)
 
-    def _abandon_job(self, job: _Job) -> None:
+    def _abandon_job(self, job: Job) -> None:
         """Drop a job's unanswered attempts; late answers to them are ignored."""
         job.done = True
         self._jobs.discard(job)
@@ -609,7 +437,7 @@ class TeacherClient:
                 request.stream.pending.pop(request.rid, None)
                 request.stream = None
 
-    def _budget_error(self, request: _Request) -> TeacherUnavailableError:
+    def _budget_error(self, request: Request) -> TeacherUnavailableError:
         return TeacherUnavailableError(
             f"batch {request.job.key!r}: sequence {request.index} not scored after {request.attempts} "
             f"attempts and {self.config.retry_budget_seconds:g} s of retries (retry_budget_seconds) on "
@@ -618,7 +446,7 @@ class TeacherClient:
 
     # ----- loop thread: streams -----
 
-    async def _run_stream(self, link: _Link, stream: _Stream) -> None:
+    async def _run_stream(self, link: Link, stream: Stream) -> None:
         """Run one Score call until it ends, then settle its unanswered requests."""
         try:
             code, details = await self._pump(link, stream)
@@ -630,7 +458,7 @@ class TeacherClient:
             stream.queue.put_nowait(None)
         self._on_stream_end(link, stream, code, details)
 
-    async def _pump(self, link: _Link, stream: _Stream) -> tuple[grpc.StatusCode, str]:
+    async def _pump(self, link: Link, stream: Stream) -> tuple[grpc.StatusCode, str]:
         """Verify the teacher if needed, then read the stream's chunks; returns how it ended."""
         try:
             if not link.verified:
@@ -638,7 +466,7 @@ class TeacherClient:
                 self._check_info(link.address, info)
                 link.verified = True
                 logger.info("teacher at %s answers again", link.address)
-            async for chunk in link.stub.Score(_requests(stream.queue)):
+            async for chunk in link.stub.Score(request_iterator(stream.queue)):
                 self._on_chunk(link, stream, chunk)
         except grpc.aio.AioRpcError as e:
             return e.code(), e.details() or ""
@@ -649,7 +477,7 @@ class TeacherClient:
             return grpc.StatusCode.FAILED_PRECONDITION, str(e)
         return grpc.StatusCode.OK, "the teacher ended the stream"
 
-    def _on_chunk(self, link: _Link, stream: _Stream, chunk: pb.ScoreChunk) -> None:
+    def _on_chunk(self, link: Link, stream: Stream, chunk: pb.ScoreChunk) -> None:
         self._stats.bytes_received += chunk.ByteSize()
         link.failures = 0
         request = stream.pending.get(chunk.request_id)
@@ -666,7 +494,7 @@ class TeacherClient:
             request.stream = None
             self._deliver(request, request.assembler.result())
 
-    def _on_stream_end(self, link: _Link, stream: _Stream, code: grpc.StatusCode, details: str) -> None:
+    def _on_stream_end(self, link: Link, stream: Stream, code: grpc.StatusCode, details: str) -> None:
         """Fail the requests a non-retryable status names; resubmit the others."""
         if link.stream is stream:
             link.stream = None
@@ -698,7 +526,7 @@ class TeacherClient:
             if not request.job.done:
                 self._retry(request, status)
 
-    def _mark_down(self, link: _Link, now: float) -> float:
+    def _mark_down(self, link: Link, now: float) -> float:
         """Back off from ``link``: exponential in its consecutive failures, with jitter."""
         link.failures += 1
         link.verified = False
@@ -707,59 +535,9 @@ class TeacherClient:
         link.down_until = max(link.down_until, now + delay)
         return delay
 
-    def _retry(self, request: _Request, status: str) -> None:
+    def _retry(self, request: Request, status: str) -> None:
         self._stats.retries += 1
         request.last_status = status
         if request.retry_deadline is None:
             request.retry_deadline = self._loop.time() + self.config.retry_budget_seconds
         self._dispatch(request)
-
-
-class Prefetcher(Generic[B]):
-    """Keeps the next ``prefetch_batches`` batches submitted while the current one trains.
-
-    Made by ``TeacherClient.prefetch``. Iterating yields every batch of ``batches`` once, in
-    order, with its ``list[TopK]`` (one per sequence of ``to_sequences(batch)``, int [T_i]
-    each) and the seconds spent waiting for it. Leaving the loop early cancels the batches
-    already submitted. A batch's priority is its position in ``batches``: ranks that step
-    together share a teacher fairly, each rank's next batch ahead of anyone's prefetch (without
-    it, one rank's first batch queues behind another rank's whole prefetch window). Keys are
-    generated here, so several prefetchers (training and evaluation) can share one client.
-    """
-
-    def __init__(self, client: TeacherClient, batches: Iterable[B], to_sequences: Callable[[B], Sequence[np.ndarray]]):
-        self.client = client
-        self._batches = batches
-        self._to_sequences = to_sequences
-        self._prefix = f"p{next(_PREFETCHER_SERIALS)}"
-        self._queue: deque[tuple[B, str]] = deque()
-        self._iterated = False
-
-    def __iter__(self) -> Iterator[tuple[B, list[TopK], float]]:
-        if self._iterated:
-            raise RuntimeError("a Prefetcher can be iterated only once")
-        self._iterated = True
-        batches = enumerate(self._batches)
-        depth = self.client.config.prefetch_batches
-        try:
-            while True:
-                self._fill(batches, depth + 1)  # the batch to train on next + `depth` ahead
-                if not self._queue:
-                    return
-                batch, key = self._queue.popleft()
-                topk = self.client.result(key)
-                yield batch, topk, self.client.stats().last_wait_seconds
-        finally:
-            for _, key in self._queue:
-                self.client.cancel(key)
-            self._queue.clear()
-
-    def _fill(self, batches: Iterator[tuple[int, B]], size: int) -> None:
-        while len(self._queue) < size and (item := next(batches, None)) is not None:
-            index, batch = item
-            key = f"{self._prefix}.{index}"
-            self.client.submit(key, self._to_sequences(batch), priority=index)
-            self._queue.append((batch, key))
-
-
-_PREFETCHER_SERIALS = itertools.count()

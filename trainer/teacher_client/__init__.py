@@ -1,0 +1,33 @@
+"""The trainer's teacher client: top-K log-probs of the next batches, fetched while a step runs.
+
+    config    TeacherClientConfig (``teacher:``), the errors, TeacherClientStats
+    client    TeacherClient: the blocking API (caller thread) over its event-loop thread
+    core      the loop thread's records: jobs, requests, streams, links
+    prefetch  Prefetcher: the next batches kept submitted while the current one trains
+
+The public names are importable from here.
+"""
+
+from trainer.teacher_client.client import TeacherClient
+from trainer.teacher_client.config import (
+    RETRYABLE_CODES,
+    TeacherClientConfig,
+    TeacherClientStats,
+    TeacherError,
+    TeacherMismatchError,
+    TeacherRequestError,
+    TeacherUnavailableError,
+)
+from trainer.teacher_client.prefetch import Prefetcher
+
+__all__ = [
+    "RETRYABLE_CODES",
+    "Prefetcher",
+    "TeacherClient",
+    "TeacherClientConfig",
+    "TeacherClientStats",
+    "TeacherError",
+    "TeacherMismatchError",
+    "TeacherRequestError",
+    "TeacherUnavailableError",
+]
