@@ -2,7 +2,7 @@
 
     config    TeacherClientConfig (``teacher:``), the errors, TeacherClientStats
     client    TeacherClient: the blocking API (caller thread) over its event-loop thread
-    core      the loop thread's records: jobs, requests, streams, links
+    core      StreamCore: the loop thread (channels, streams, deadlines, retries) and its records
     prefetch  Prefetcher: the next batches kept submitted while the current one trains
 
 The public names are importable from here.
