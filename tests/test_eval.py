@@ -31,7 +31,7 @@ from trainer.eval import (
     publish,
     swap_partners,
 )
-from trainer.hypernetwork import HyperLoRA, build_hyper_lora
+from trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
 from trainer.loss import topk_kl_loss, topk_kl_per_position
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"
 K = 8
 EDGES = [0, 8, 16]  # short sequences still fill every bucket
 OPTIM = OptimConfig(logits_chunk_positions=7)  # chunks that do not divide the positions
-HYPER = HyperLoRA.Config(
+HYPER = HyperLoRAConfig(
     rank=4,
     alpha=8.0,
     encoder_dim=32,

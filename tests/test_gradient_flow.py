@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from common.tiny_models import ensure_tiny_models
-from trainer.hypernetwork import HyperLoRA, build_hyper_lora
+from trainer.hypernetwork import HyperLoRA, HyperLoRAConfig, build_hyper_lora
 from trainer.lora import hyper_lora
 from trainer.loss import topk_kl_loss
 
@@ -56,7 +56,7 @@ class Setup:
     def hyper(self, seed: int = 0) -> HyperLoRA:
         """A freshly initialised hypernetwork for the student."""
         torch.manual_seed(seed)
-        return build_hyper_lora(HyperLoRA.Config(**CONFIG), self.student)
+        return build_hyper_lora(HyperLoRAConfig(**CONFIG), self.student)
 
     def loss(self, hyper: HyperLoRA) -> torch.Tensor:
         """Generate the LoRA, run the student under it and return the top-K KL per counted token."""

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_config
-from trainer.hypernetwork import HyperLoRA, StaticLoRA, build_hyper_lora, find_targets, truncate_prompts
+from trainer.hypernetwork import (
+    HyperLoRAConfig,
+    StaticLoRA,
+    build_hyper_lora,
+    find_targets,
+    truncate_prompts,
+)
 from trainer.lora import hyper_lora
 from trainer.param_table import build_meta, render, table_rows
 
@@ -32,7 +38,7 @@ def student(tiny_models):
 @pytest.fixture(scope="module")
 def hyper(student):
     torch.manual_seed(0)
-    return build_hyper_lora(HyperLoRA.Config(**SMALL), student).eval()
+    return build_hyper_lora(HyperLoRAConfig(**SMALL), student).eval()
 
 
 def prompts(lengths: list[int], width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +51,7 @@ def prompts(lengths: list[int], width: int, seed: int = 0) -> tuple[torch.Tensor
 
 def test_batch_first_factors_for_every_target(student, hyper):
     lora = hyper(*prompts([10, 6], 12))
-    targets = find_targets(student, HyperLoRA.Config().targets)
+    targets = find_targets(student, HyperLoRAConfig().targets)
     assert list(lora.weights) == [t.name for t in targets] and len(targets) == 13
     for t in targets:
         w = lora.weights[t.name]
@@ -70,7 +76,7 @@ def test_unit_gates_at_init_so_every_prompt_starts_from_the_bank(hyper):
 
 def test_per_sample_and_independent_of_padding(student):
     torch.manual_seed(0)
-    hyper = build_hyper_lora(HyperLoRA.Config(**SMALL), student).eval()
+    hyper = build_hyper_lora(HyperLoRAConfig(**SMALL), student).eval()
     for head in hyper.generator.heads.values():  # as after training: the gates depend on the prompt
         torch.nn.init.normal_(head.weight, std=1.0)
     ids, mask = prompts([10, 6], 12)
@@ -90,7 +96,7 @@ def test_gates_weight_the_experts_and_never_scale_the_update(student):
     sum to r (n experts x r / n directions x mean gate 1): a prompt can move the update between the
     bank's experts, not make it larger (a free mixing matrix learned a large constant, issue 12)."""
     torch.manual_seed(0)
-    hyper = build_hyper_lora(HyperLoRA.Config(**SMALL, experts=2), student).eval()
+    hyper = build_hyper_lora(HyperLoRAConfig(**SMALL, experts=2), student).eval()
     for head in hyper.generator.heads.values():
         torch.nn.init.normal_(head.weight, std=1.0)
         torch.nn.init.normal_(head.bias, std=1.0)
@@ -150,7 +156,7 @@ def test_target_errors(student):
 
 
 def test_static_kind_is_the_bank_for_every_prompt(student):
-    static = build_hyper_lora(HyperLoRA.Config(**SMALL, kind="static"), student)
+    static = build_hyper_lora(HyperLoRAConfig(**SMALL, kind="static"), student)
     assert isinstance(static, StaticLoRA) and list(static.parameter_groups()) == ["bank"]
     with torch.no_grad():
         static.bank.B["self_attn_q_proj"].normal_()
@@ -168,11 +174,11 @@ def test_parameter_groups_partition_the_parameters(hyper):
 
 
 def test_config_loading_and_validation():
-    config = load_config(HyperLoRA.Config, overrides=["rank=8", "alpha=16", "targets=[self_attn.q_proj]"])
+    config = load_config(HyperLoRAConfig, overrides=["rank=8", "alpha=16", "targets=[self_attn.q_proj]"])
     assert (config.rank, config.targets, config.scale) == (8, ["self_attn.q_proj"], 2.0)
-    assert HyperLoRA.Config(rank=16, alpha=32, rslora=True).scale == 8.0
+    assert HyperLoRAConfig(rank=16, alpha=32, rslora=True).scale == 8.0
     with pytest.raises(ConfigError, match="unknown"):
-        load_config(HyperLoRA.Config, overrides=["ranks=8"])
+        load_config(HyperLoRAConfig, overrides=["ranks=8"])
     for bad in (
         dict(rank=0),
         dict(targets=[]),
@@ -183,11 +189,11 @@ def test_config_loading_and_validation():
         dict(experts=0),
     ):
         with pytest.raises(ValueError):
-            HyperLoRA.Config(**bad)
+            HyperLoRAConfig(**bad)
 
 
 def test_param_table_for_the_real_shapes():
-    config = HyperLoRA.Config()
+    config = HyperLoRAConfig()
     student, hyper = build_meta(config)
     rows = {row[0]: row for row in table_rows(config, hyper)}
     assert rows["linear_attn.in_proj_qkvz"][1:3] == (36, "2048 -> 12288")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
-from trainer.hypernetwork import PARAMETER_GROUPS, HyperLoRA
+from trainer.hypernetwork import PARAMETER_GROUPS, HyperLoRAConfig
 from trainer.teacher_client import TeacherClientConfig
 
 
@@ -149,7 +149,7 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class TrainerConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
-    hypernetwork: HyperLoRA.Config = field(default_factory=HyperLoRA.Config)
+    hypernetwork: HyperLoRAConfig = field(default_factory=HyperLoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherClientConfig = field(default_factory=TeacherClientConfig)
     phases: list[PhaseConfig] = field(default_factory=list)

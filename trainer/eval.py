@@ -53,7 +53,7 @@ from trainer.config import OptimConfig, TrainerConfig
 from trainer.data.phase import PhaseData, load_phase_data
 from trainer.data.sampler import Batch, batch_sequences, collate, teacher_tensors
 from trainer.distributed import all_reduce_sum, close_distributed, init_distributed
-from trainer.hypernetwork import HyperLoRA, build_hyper_lora
+from trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
 from trainer.lora import GeneratedLoRA, hyper_lora
 from trainer.loss import topk_kl_per_position
 from trainer.model import build_models, shard_adapter
@@ -292,7 +292,7 @@ def eval_adapters(
     return adapters
 
 
-def stored_hypernetwork(path: Path, config: TrainerConfig) -> HyperLoRA.Config:
+def stored_hypernetwork(path: Path, config: TrainerConfig) -> HyperLoRAConfig:
     """The ``hypernetwork`` config stored in checkpoint ``path``; its LoRA targets must be
     ``config``'s (every arm adapts the same wrapped modules of the one student)."""
     raw = json.loads((path / "config.json").read_text())["hypernetwork"]
@@ -305,7 +305,7 @@ def stored_hypernetwork(path: Path, config: TrainerConfig) -> HyperLoRA.Config:
     return stored
 
 
-def load_adapter(path: Path, hyper_config: HyperLoRA.Config, student: nn.Module, device: torch.device) -> nn.Module:
+def load_adapter(path: Path, hyper_config: HyperLoRAConfig, student: nn.Module, device: torch.device) -> nn.Module:
     """Build the adapter ``hyper_config`` describes on ``student`` (whose targets are already
     wrapped: wrapping again is a no-op), shard it and load its weights from checkpoint ``path``."""
     with torch.random.fork_rng(devices=[]):  # the run's own random stream stays as it was

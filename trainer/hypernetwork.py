@@ -130,7 +130,7 @@ class PromptEncoder(nn.Module):
     tokens), attention pooling with a learned query.
     """
 
-    def __init__(self, config: HyperLoRA.Config, embed: nn.Embedding):
+    def __init__(self, config: HyperLoRAConfig, embed: nn.Embedding):
         super().__init__()
         # Held outside the module tree, so the student's [V, H] table never enters this
         # module's parameters, state dict, optimizer or sharding, and `.to()` leaves it alone.
@@ -209,7 +209,7 @@ class StaticLoRA(nn.Module):
     checkpoints and metrics; it ignores the prompt.
     """
 
-    def __init__(self, config: HyperLoRA.Config, targets: Sequence[Target]):
+    def __init__(self, config: HyperLoRAConfig, targets: Sequence[Target]):
         super().__init__()
         self.config = config
         self.bank = LoRABank(targets, config.rank)
@@ -255,7 +255,7 @@ class LoRAGenerator(nn.Module):
     step's change of a logit comparable to a bank parameter's.
     """
 
-    def __init__(self, config: HyperLoRA.Config, targets: Sequence[Target]):
+    def __init__(self, config: HyperLoRAConfig, targets: Sequence[Target]):
         super().__init__()
         self.targets = list(targets)
         self.kinds = list(dict.fromkeys(t.kind for t in self.targets))
@@ -293,67 +293,70 @@ def _key(kind: str) -> str:
     return kind.replace(".", "_")
 
 
+@dataclass(kw_only=True)
+class HyperLoRAConfig:
+    """The hypernetwork (``hypernetwork:`` in the trainer config): targets, rank, experts, encoder, trunk."""
+
+    kind: str = "hyper"
+    """``hyper``: a LoRA generated per prompt; ``static``: one LoRA per target shared by every
+    prompt (the baseline; the encoder fields are then unused)."""
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Target module names, matched as suffixes of the student's module names; one head each."""
+    rank: int = 16
+    """LoRA rank r (of the bank, and of every generated adapter)."""
+    experts: int = 4
+    """Experts n per target: the bank's r rank directions in n blocks of r / n, weighted per
+    prompt by the generated gates (1: every prompt gets the bank, as ``kind: static``)."""
+    alpha: float = 32.0
+    """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with ``rslora``)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
+    max_prompt_tokens: int = 4096
+    """Prompt cap: the encoder sees the last this-many tokens of each prompt."""
+    encoder_dim: int = 512
+    """Width E of the prompt encoder and of the context vector."""
+    encoder_layers: int = 2
+    """Transformer layers in the prompt encoder."""
+    encoder_heads: int = 8
+    """Attention heads in the prompt encoder and its pooling."""
+    trunk_dim: int = 512
+    """Width D of the shared MLP trunk (and of the layer and module-type embeddings)."""
+    trunk_layers: int = 2
+    """Residual MLP blocks in the trunk."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"hypernetwork.kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"hypernetwork.targets must be non-empty and unique, got {self.targets}")
+        for name in (
+            "rank",
+            "max_prompt_tokens",
+            "encoder_dim",
+            "encoder_layers",
+            "encoder_heads",
+            "trunk_dim",
+            "trunk_layers",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"hypernetwork.{name} must be >= 1, got {getattr(self, name)}")
+        if self.experts < 1 or self.rank % self.experts:
+            raise ValueError(f"hypernetwork.experts must be >= 1 and divide rank ({self.rank}), got {self.experts}")
+        if self.alpha <= 0:
+            raise ValueError(f"hypernetwork.alpha must be > 0, got {self.alpha}")
+        if self.encoder_dim % self.encoder_heads:
+            raise ValueError(f"hypernetwork.encoder_dim ({self.encoder_dim}) must divide by encoder_heads")
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
 class HyperLoRA(nn.Module):
     """PromptEncoder + LoRAGenerator + LoRABank: prompt ids -> `GeneratedLoRA` for `hyper_lora`."""
 
-    @dataclass(kw_only=True)
-    class Config:
-        kind: str = "hyper"
-        """``hyper``: a LoRA generated per prompt; ``static``: one LoRA per target shared by every
-        prompt (the baseline; the encoder fields are then unused)."""
-        targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-        """Target module names, matched as suffixes of the student's module names; one head each."""
-        rank: int = 16
-        """LoRA rank r (of the bank, and of every generated adapter)."""
-        experts: int = 4
-        """Experts n per target: the bank's r rank directions in n blocks of r / n, weighted per
-        prompt by the generated gates (1: every prompt gets the bank, as ``kind: static``)."""
-        alpha: float = 32.0
-        """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with ``rslora``)."""
-        rslora: bool = False
-        """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
-        max_prompt_tokens: int = 4096
-        """Prompt cap: the encoder sees the last this-many tokens of each prompt."""
-        encoder_dim: int = 512
-        """Width E of the prompt encoder and of the context vector."""
-        encoder_layers: int = 2
-        """Transformer layers in the prompt encoder."""
-        encoder_heads: int = 8
-        """Attention heads in the prompt encoder and its pooling."""
-        trunk_dim: int = 512
-        """Width D of the shared MLP trunk (and of the layer and module-type embeddings)."""
-        trunk_layers: int = 2
-        """Residual MLP blocks in the trunk."""
-
-        def __post_init__(self) -> None:
-            if self.kind not in KINDS:
-                raise ValueError(f"hypernetwork.kind must be one of {KINDS}, got {self.kind!r}")
-            if not self.targets or len(set(self.targets)) != len(self.targets):
-                raise ValueError(f"hypernetwork.targets must be non-empty and unique, got {self.targets}")
-            for name in (
-                "rank",
-                "max_prompt_tokens",
-                "encoder_dim",
-                "encoder_layers",
-                "encoder_heads",
-                "trunk_dim",
-                "trunk_layers",
-            ):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"hypernetwork.{name} must be >= 1, got {getattr(self, name)}")
-            if self.experts < 1 or self.rank % self.experts:
-                raise ValueError(f"hypernetwork.experts must be >= 1 and divide rank ({self.rank}), got {self.experts}")
-            if self.alpha <= 0:
-                raise ValueError(f"hypernetwork.alpha must be > 0, got {self.alpha}")
-            if self.encoder_dim % self.encoder_heads:
-                raise ValueError(f"hypernetwork.encoder_dim ({self.encoder_dim}) must divide by encoder_heads")
-
-        @property
-        def scale(self) -> float:
-            """The LoRA scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-            return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def __init__(self, config: HyperLoRA.Config, targets: Sequence[Target], embed: nn.Embedding):
+    def __init__(self, config: HyperLoRAConfig, targets: Sequence[Target], embed: nn.Embedding):
         super().__init__()
         self.config = config
         self.encoder = PromptEncoder(config, embed)
@@ -389,14 +392,14 @@ Adapter = HyperLoRA | StaticLoRA
 and ``parameter_groups()``."""
 
 
-def build_adapter(config: HyperLoRA.Config, targets: Sequence[Target], embed: nn.Embedding) -> Adapter:
+def build_adapter(config: HyperLoRAConfig, targets: Sequence[Target], embed: nn.Embedding) -> Adapter:
     """The adapter that ``config.kind`` names, for `targets` (no student changes)."""
     if config.kind == "static":
         return StaticLoRA(config, targets)
     return HyperLoRA(config, targets, embed)
 
 
-def build_hyper_lora(config: HyperLoRA.Config, student: nn.Module) -> Adapter:
+def build_hyper_lora(config: HyperLoRAConfig, student: nn.Module) -> Adapter:
     """Freeze `student`, wrap its targets for `hyper_lora` and build the adapter for them
     (a hypernetwork, or one static LoRA with ``kind: static``)."""
     student.requires_grad_(False)

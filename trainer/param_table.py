@@ -15,7 +15,7 @@ import torch
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
 from common.config import load_config
-from trainer.hypernetwork import HyperLoRA, find_targets
+from trainer.hypernetwork import HyperLoRA, HyperLoRAConfig, find_targets
 
 # Qwen3-Coder-Next / Qwen3-Next-80B-A3B (DESIGN.md, Reference facts).
 QWEN3_CODER_NEXT = dict(
@@ -37,7 +37,7 @@ QWEN3_CODER_NEXT = dict(
 )
 
 
-def build_meta(config: HyperLoRA.Config) -> tuple[Qwen3NextForCausalLM, HyperLoRA]:
+def build_meta(config: HyperLoRAConfig) -> tuple[Qwen3NextForCausalLM, HyperLoRA]:
     """The real-shape student and its hypernetwork, both on the meta device."""
     with torch.device("meta"):
         student = Qwen3NextForCausalLM(Qwen3NextConfig(**QWEN3_CODER_NEXT))
@@ -49,7 +49,7 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def table_rows(config: HyperLoRA.Config, hyper: HyperLoRA) -> list[tuple]:
+def table_rows(config: HyperLoRAConfig, hyper: HyperLoRA) -> list[tuple]:
     """Per module type: (target, layers, shape, A, B, LoRA per prompt, bank params, gates per prompt, head)."""
     r, groups, rows = config.rank, hyper.parameter_groups(), []
     for kind in hyper.bank.kinds:
@@ -98,7 +98,7 @@ def format_table(rows: list[tuple]) -> list[str]:
     return [lines[0], rule, *lines[1:-1], rule, lines[-1]]
 
 
-def render(config: HyperLoRA.Config, student: torch.nn.Module, hyper: HyperLoRA) -> str:
+def render(config: HyperLoRAConfig, student: torch.nn.Module, hyper: HyperLoRA) -> str:
     """The table and totals as text."""
     rows = table_rows(config, hyper)
     per_prompt, groups = rows[-1][5], hyper.parameter_groups()
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="hypernetwork config overrides, e.g. rank=32")
     args = parser.parse_args(argv)
-    config = load_config(HyperLoRA.Config, overrides=args.overrides)
+    config = load_config(HyperLoRAConfig, overrides=args.overrides)
     student, hyper = build_meta(config)
     print(render(config, student, hyper))
 

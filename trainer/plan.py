@@ -157,7 +157,7 @@ class HyperShape:
 
 
 def hyper_shape(config) -> HyperShape:
-    """Count a `HyperLoRA.Config`'s hypernetwork for the real student (built on meta)."""
+    """Count a `HyperLoRAConfig`'s hypernetwork for the real student (built on meta)."""
     from trainer.param_table import build_meta
 
     _, hyper = build_meta(config)
