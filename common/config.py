@@ -4,6 +4,12 @@ Each service declares a tree of ``@dataclass(kw_only=True)`` classes whose field
 defaults and whose ``__post_init__`` validates. ``load_config`` reads the YAML, applies the
 command-line overrides (values parsed as YAML, so ``server.port=50051`` is an int), rejects
 unknown keys by their dotted name and builds the tree.
+
+Convention: each config class is a module-level ``XConfig`` beside the component it configures
+(``HyperLoRAConfig`` in ``trainer.hypernetwork``, ``TeacherClientConfig`` in
+``trainer.teacher_client``); a service's root (``TrainerConfig``, ``TeacherConfig``) composes them.
+Validators raise ``ValueError`` naming their fields bare; every error leaves ``load_config`` as a
+``ConfigError`` that starts with the section's dotted path (``hypernetwork.rank must be >= 1``).
 """
 
 from __future__ import annotations
@@ -72,8 +78,17 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(_located(str(e), prefix, fields)) from None
+
+
+def _located(message: str, prefix: str, fields: typing.Iterable[str]) -> str:
+    """A validator's message (fields named bare) with the section's dotted path: ``rank must be
+    >= 1`` -> ``hypernetwork.rank must be >= 1``; ``need lr > 0`` -> ``phases[0]: need lr > 0``."""
+    first = message.split(" ", 1)[0].rstrip(":,")
+    if not prefix:
+        return message
+    return prefix + message if first in fields else f"{prefix.rstrip('.')}: {message}"
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:

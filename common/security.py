@@ -35,24 +35,24 @@ _HANDLER_FACTORIES = {
 }
 
 
-def check_tls_config(config: object, section: str, switch: str, dependents: tuple[str, ...]) -> None:
-    """Validate a config's security fields, named ``{section}.{field}`` in errors: ``tls_cert_file``
+def check_tls_config(config: object, switch: str, dependents: tuple[str, ...]) -> None:
+    """Validate a config's security fields (named bare in errors, as validators do): ``tls_cert_file``
     and ``tls_key_file`` go together, each field of ``dependents`` needs ``switch`` (the field that
     turns TLS on), every ``tls_*_file`` set is a readable PEM file, and ``auth_token_env`` is the
     name of an environment variable (the token itself never goes in the config)."""
     cert, key = config.tls_cert_file, config.tls_key_file
     if (cert is None) != (key is None):
         given, missing = ("tls_cert_file", "tls_key_file") if cert is not None else ("tls_key_file", "tls_cert_file")
-        raise ValueError(f"{section}.{given} is set but {section}.{missing} is not: a certificate needs its key")
+        raise ValueError(f"{given} is set but {missing} is not: a certificate needs its key")
     for name in dependents:
         if getattr(config, name) is not None and getattr(config, switch) is None:
-            raise ValueError(f"{section}.{name} needs {section}.{switch} (TLS)")
+            raise ValueError(f"{name} needs {switch} (TLS)")
     for name, value in vars(config).items():
         if name.startswith("tls_") and name.endswith("_file") and value is not None:
-            read_pem(value, f"{section}.{name}")
+            read_pem(value, name)
     if config.auth_token_env is not None and not _ENV_NAME.fullmatch(config.auth_token_env):
         raise ValueError(
-            f"{section}.auth_token_env must name the environment variable that holds the token "
+            "auth_token_env must name the environment variable that holds the token "
             "(upper case, e.g. TEACHER_AUTH_TOKEN); never put the token itself in the config"
         )
 

@@ -49,9 +49,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ENGINES:
-            raise ValueError(f"engine.kind must be one of {ENGINES}, got {self.kind!r}")
+            raise ValueError(f"kind must be one of {ENGINES}, got {self.kind!r}")
         if not self.model:
-            raise ValueError("engine.model is required (a model directory or hub id)")
+            raise ValueError("model is required (a model directory or hub id)")
         for name in (
             "max_model_len",
             "max_top_k",
@@ -61,9 +61,9 @@ class EngineConfig:
             "logits_chunk_positions",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(
                 f"engine.kv_cache_memory_bytes must be > 0 bytes when set, got {self.kv_cache_memory_bytes}"
@@ -101,13 +101,13 @@ class ServerConfig:
     empty. Health and reflection stay open. Unset: no token is checked."""
 
     def __post_init__(self) -> None:
-        check_tls_config(self, "server", switch="tls_cert_file", dependents=("tls_client_ca_file",))
+        check_tls_config(self, switch="tls_cert_file", dependents=("tls_client_ca_file",))
         if self.logprob_dtype not in WIRE_DTYPES:
-            raise ValueError(f"server.logprob_dtype must be one of {tuple(WIRE_DTYPES)}, got {self.logprob_dtype!r}")
+            raise ValueError(f"logprob_dtype must be one of {tuple(WIRE_DTYPES)}, got {self.logprob_dtype!r}")
         if self.max_message_bytes < 64 * 1024:
-            raise ValueError(f"server.max_message_bytes must be >= 65536, got {self.max_message_bytes}")
+            raise ValueError(f"max_message_bytes must be >= 65536, got {self.max_message_bytes}")
         if self.max_queued_positions < 1 or self.grace_seconds < 0:
-            raise ValueError("server.max_queued_positions must be >= 1 and server.grace_seconds >= 0")
+            raise ValueError("max_queued_positions must be >= 1 and grace_seconds >= 0")
 
 
 @dataclass(kw_only=True)

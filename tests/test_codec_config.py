@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from common.codec import TopK, TopKAssembler, bytes_per_position, encode_chunks, pack_token_ids, unpack_token_ids
 from common.config import ConfigError, load_config
 from teacher_service.config import TeacherConfig
+from trainer.config import TrainerConfig
+
+TRAINER_CPU_CONFIG = Path(__file__).parents[1] / "deploy/configs/trainer.cpu.yaml"
 
 
 def _topk(num: int, k: int, seed: int = 0) -> TopK:
@@ -73,5 +78,22 @@ def test_config_yaml_and_overrides(tmp_path):
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
-    with pytest.raises((ConfigError, ValueError), match=message):
+    with pytest.raises(ConfigError, match=message):
         load_config(TeacherConfig, None, ["engine.model=m", *overrides])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("hypernetwork.rank=0", r"^hypernetwork\.rank must be >= 1, got 0$"),
+        ("hypernetwork.experts=3", r"^hypernetwork\.experts must be >= 1 and divide rank"),
+        ("optim.grad_clip=0", r"^optim: need accumulation_steps >= 1, grad_clip > 0"),
+        ("phases=[{name: main, lr: 0}]", r"^phases\[0\]: phase 'main': need lr > 0"),
+        ("data.subset=some", r"^data\.subset must be 'gold' or 'all'"),
+        ("student.chat_template=/nonexistent.jinja", r"^student\.chat_template: no such file"),
+    ],
+)
+def test_validator_errors_leave_the_loader_with_their_section(override, message):
+    """Validators name their fields bare; the loader adds the dotted path and raises ConfigError."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainerConfig, TRAINER_CPU_CONFIG, [override])

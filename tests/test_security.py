@@ -29,7 +29,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.codec import pack_token_ids
-from common.config import load_config
+from common.config import config_from_dict, load_config
 from common.stubs import teacher_pb2 as pb
 from common.stubs import teacher_pb2_grpc as pb_grpc
 from common.teacher_process import TeacherProcess
@@ -349,9 +349,9 @@ def test_server_config_errors_name_the_field(certs, tmp_path):
     not_pem = tmp_path / "server.der"
     not_pem.write_bytes(b"\x30\x82\x01\x0a")
     cases = [
-        (dict(tls_cert_file=certs.server_crt), "server.tls_cert_file is set but server.tls_key_file is not"),
-        (dict(tls_key_file=certs.server_key), "server.tls_key_file is set but server.tls_cert_file is not"),
-        (dict(tls_client_ca_file=certs.ca_crt), "server.tls_client_ca_file needs server.tls_cert_file"),
+        (dict(tls_cert_file=certs.server_crt), "server.tls_cert_file is set but tls_key_file is not"),
+        (dict(tls_key_file=certs.server_key), "server.tls_key_file is set but tls_cert_file is not"),
+        (dict(tls_client_ca_file=certs.ca_crt), "server.tls_client_ca_file needs tls_cert_file"),
         (
             dict(tls_cert_file=str(tmp_path / "nope.crt"), tls_key_file=certs.server_key),
             f"server.tls_cert_file: cannot read '{tmp_path / 'nope.crt'}'",
@@ -361,7 +361,7 @@ def test_server_config_errors_name_the_field(certs, tmp_path):
     ]
     for fields, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
-            ServerConfig(**fields)
+            config_from_dict(ServerConfig, fields, prefix="server.")
     config = load_config(TeacherConfig, TEACHER_CPU_CONFIG, tls_overrides(certs))
     assert config.server.tls_client_ca_file == certs.ca_crt and config.server.auth_token_env == TOKEN_ENV
 
@@ -370,20 +370,20 @@ def test_client_config_errors_name_the_field(certs):
     cases = [
         (
             dict(tls_cert_file=certs.client_crt, tls_key_file=certs.client_key),
-            "teacher.tls_cert_file needs teacher.tls_ca_file",
+            "teacher.tls_cert_file needs tls_ca_file",
         ),
         (
             dict(tls_ca_file=certs.ca_crt, tls_key_file=certs.client_key),
-            "teacher.tls_key_file is set but teacher.tls_cert_file is not",
+            "teacher.tls_key_file is set but tls_cert_file is not",
         ),
-        (dict(auth_token_env=TOKEN_ENV), "teacher.auth_token_env needs teacher.tls_ca_file"),
-        (dict(tls_server_name="teacher"), "teacher.tls_server_name needs teacher.tls_ca_file"),
+        (dict(auth_token_env=TOKEN_ENV), "teacher.auth_token_env needs tls_ca_file"),
+        (dict(tls_server_name="teacher"), "teacher.tls_server_name needs tls_ca_file"),
         (dict(tls_ca_file="/nonexistent/ca.crt"), "teacher.tls_ca_file: cannot read '/nonexistent/ca.crt'"),
         (dict(tls_ca_file=certs.ca_crt, auth_token_env=TOKEN), "teacher.auth_token_env must name the environment"),
     ]
     for fields, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
-            TeacherClientConfig(**fields)
+            config_from_dict(TeacherClientConfig, fields, prefix="teacher.")
 
 
 def test_teacher_refuses_to_start_when_the_token_variable_is_unset(monkeypatch):

@@ -51,7 +51,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep_last < 1:
-            raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+            raise ValueError("every_steps and keep_last must be >= 1")
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:

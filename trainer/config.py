@@ -31,11 +31,11 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ValueError("student.path is required")
+            raise ValueError("path is required")
         if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"student.dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+            raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         if self.chat_template is not None and not Path(self.chat_template).is_file():
-            raise FileNotFoundError(f"student.chat_template: no such file {self.chat_template!r}")
+            raise ValueError(f"chat_template: no such file {self.chat_template!r}")
 
 
 @dataclass(kw_only=True)
@@ -87,11 +87,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.accumulation_steps < 1 or self.grad_clip <= 0 or self.loss not in ("tail", "renorm"):
-            raise ValueError("optim: need accumulation_steps >= 1, grad_clip > 0, loss in (tail, renorm)")
+            raise ValueError("need accumulation_steps >= 1, grad_clip > 0, loss in (tail, renorm)")
         unknown = sorted(set(self.lr_scales) - set(PARAMETER_GROUPS))
         if unknown or any(v <= 0 for v in self.lr_scales.values()):
             raise ValueError(
-                f"optim.lr_scales: groups must be among {PARAMETER_GROUPS} with scales > 0, got {self.lr_scales}"
+                f"lr_scales: groups must be among {PARAMETER_GROUPS} with scales > 0, got {self.lr_scales}"
             )
 
 
@@ -116,7 +116,7 @@ class WandbConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "online", "offline", "disabled"):
-            raise ValueError(f"wandb.mode must be auto, online, offline or disabled, got {self.mode!r}")
+            raise ValueError(f"mode must be auto, online, offline or disabled, got {self.mode!r}")
 
 
 @dataclass(kw_only=True)
@@ -136,14 +136,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.held_out < 0 or self.held_out == 1:
             raise ValueError(
-                f"eval.held_out must be 0 (off) or >= 2 (the prompt-swap arm gives each example "
+                f"held_out must be 0 (off) or >= 2 (the prompt-swap arm gives each example "
                 f"another one's prompt), got {self.held_out}"
             )
         if self.static_checkpoint and not self.held_out:
-            raise ValueError("eval.static_checkpoint needs eval.held_out > 0 (the arms run on the held-out examples)")
+            raise ValueError("static_checkpoint needs held_out > 0 (the arms run on the held-out examples)")
         edges = self.position_buckets
         if not edges or edges[0] != 0 or any(b <= a for a, b in pairwise(edges)):
-            raise ValueError(f"eval.position_buckets must start at 0 and increase, got {edges}")
+            raise ValueError(f"position_buckets must start at 0 and increase, got {edges}")
 
 
 @dataclass(kw_only=True)

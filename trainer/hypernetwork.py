@@ -326,9 +326,9 @@ class HyperLoRAConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"hypernetwork.kind must be one of {KINDS}, got {self.kind!r}")
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"hypernetwork.targets must be non-empty and unique, got {self.targets}")
+            raise ValueError(f"targets must be non-empty and unique, got {self.targets}")
         for name in (
             "rank",
             "max_prompt_tokens",
@@ -339,13 +339,13 @@ class HyperLoRAConfig:
             "trunk_layers",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"hypernetwork.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.experts < 1 or self.rank % self.experts:
-            raise ValueError(f"hypernetwork.experts must be >= 1 and divide rank ({self.rank}), got {self.experts}")
+            raise ValueError(f"experts must be >= 1 and divide rank ({self.rank}), got {self.experts}")
         if self.alpha <= 0:
-            raise ValueError(f"hypernetwork.alpha must be > 0, got {self.alpha}")
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.encoder_dim % self.encoder_heads:
-            raise ValueError(f"hypernetwork.encoder_dim ({self.encoder_dim}) must divide by encoder_heads")
+            raise ValueError(f"encoder_dim ({self.encoder_dim}) must divide by encoder_heads")
 
     @property
     def scale(self) -> float:

@@ -42,13 +42,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.subset not in ("gold", "all"):
-            raise ValueError(f"data.subset must be 'gold' or 'all', got {self.subset!r}")
+            raise ValueError(f"subset must be 'gold' or 'all', got {self.subset!r}")
         if self.max_length < 2:
-            raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.token_budget < self.max_length:
             raise ValueError(
-                f"data.token_budget ({self.token_budget}) must be >= data.max_length "
+                f"token_budget ({self.token_budget}) must be >= max_length "
                 f"({self.max_length}): a full-length example must fit in a batch"
             )
         if self.num_proc < 1:
-            raise ValueError(f"data.num_proc must be >= 1, got {self.num_proc}")
+            raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")

@@ -81,9 +81,7 @@ class TeacherClientConfig:
     ``tls_ca_file``: the token is sent as call credentials, which gRPC sends only over TLS."""
 
     def __post_init__(self) -> None:
-        check_tls_config(
-            self, "teacher", switch="tls_ca_file", dependents=("tls_cert_file", "tls_server_name", "auth_token_env")
-        )
+        check_tls_config(self, switch="tls_ca_file", dependents=("tls_cert_file", "tls_server_name", "auth_token_env"))
         if not self.addresses or not all(isinstance(a, str) and a for a in self.addresses):
             raise ValueError(f"addresses must be a non-empty list of host:port strings, got {self.addresses!r}")
         if self.top_k < 1 or self.prefetch_batches < 0:
