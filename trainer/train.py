@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from common.codec import TopK
 from common.config import config_to_dict
 from common.metrics import start_metrics_server
 from common.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -28,9 +30,9 @@ from trainer.checkpoint import Checkpointer, resolve_resume
 from trainer.config import OptimConfig, PhaseConfig, TrainerConfig
 from trainer.data.phase import PhaseData, load_phase_data
 from trainer.data.sampler import Batch, batch_sequences, teacher_tensors
-from trainer.distributed import all_reduce_sum, close_distributed, init_distributed
+from trainer.distributed import DistInfo, all_reduce_sum, close_distributed, init_distributed
 from trainer.eval import EvalReport, eval_adapters, evaluate_held_out, publish
-from trainer.hypernetwork import HyperLoRA
+from trainer.hypernetwork import Adapter, HyperLoRA
 from trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
 from trainer.loss import topk_kl_loss
 from trainer.model import build_models
@@ -41,7 +43,20 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class MicroBatch:
+    """One micro-batch of a step's window, as the prefetching teacher client delivers it."""
+
+    batch: Batch
+    topk: list[TopK]
+    """The teacher's top-K per sequence of ``batch`` (``TopK`` [T_i - 1, K])."""
+    teacher_wait: float
+    """Seconds the training loop blocked waiting for ``topk``."""
+
+
+@dataclass
 class StepStats:
+    lr: float
+    """The base learning rate of the step (each parameter group's is this times its scale)."""
     loss: float
     tokens: int
     assistant_tokens: int
@@ -53,14 +68,45 @@ class StepStats:
 
 
 class Trainer:
+    """``setup`` builds everything from the config, ``train`` runs every phase from the resumed
+    position (checkpointing, evaluating, exporting metrics), ``close`` releases it all."""
+
+    config: TrainerConfig
+    step: int
+    """Optimizer steps taken over the whole run (all phases)."""
+    phase_index: int
+    """Index into ``config.phases`` of the phase being trained."""
+    phase_step: int
+    """Optimizer steps taken in that phase."""
+    sampler_state: dict | None
+    """The phase sampler's position after the last step (checkpointed; None: phase start)."""
+    # Built by `setup`:
+    dist: DistInfo
+    tokenizer: PreTrainedTokenizerBase
+    student: torch.nn.Module
+    """The frozen student, its targets wrapped for `hyper_lora` (FSDP-sharded when distributed)."""
+    hyper: Adapter
+    """The trained adapter: the hypernetwork, or the static LoRA (``hypernetwork.kind``)."""
+    optimizer: torch.optim.AdamW
+    teacher: TeacherClient | None
+    checkpointer: Checkpointer
+    run_log: RunLog | None
+    adapters: dict[str, torch.nn.Module]
+    """The evaluation arms' adapters beside ``hyper`` (e.g. ``static``)."""
+    metrics_server: object | None
+    _steps_this_run: int
+    _sigterm: bool
+    _teacher_stats: TeacherClientStats
+    """The teacher client's counters at the last metrics export (the counters advance by the difference)."""
+
     def __init__(self, config: TrainerConfig):
         self.config = config
-        self.step = 0
-        self.phase_index = 0
-        self.phase_step = 0
+        self.step = self.phase_index = self.phase_step = 0
+        self.sampler_state = None
+        self.teacher = self.run_log = self.metrics_server = None
         self._steps_this_run = 0
-        self._data: PhaseData | None = None
-        self._teacher_stats = TeacherClientStats()  # the client's counters at the last metrics export
+        self._sigterm = False
+        self._teacher_stats = TeacherClientStats()
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -75,15 +121,12 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint, self.dist.rank)
         self.run_log = RunLog(cfg, self.dist.rank)
         self.adapters = eval_adapters(cfg, self.student, self.hyper, self.dist.device) if cfg.eval.held_out else {}
-        self.sampler_state = None
         resume = resolve_resume(cfg.checkpoint)
         if resume is not None:
             self._restore(self.checkpointer.load(resume, self.hyper, self.optimizer))
             metrics.LAST_CHECKPOINT.labels(rank=self.dist.rank).set(self.checkpointer.last_save_time)
         # SIGTERM (docker stop, preemption): finish the step, checkpoint, exit 0.
-        self._sigterm = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.metrics_server = None
         if cfg.metrics.port:
             self.metrics_server = start_metrics_server(cfg.metrics.host, cfg.metrics.port + self.dist.rank)
 
@@ -106,13 +149,14 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------
     def train(self) -> None:
         """Every phase from the resumed position on; the evaluation arms before (fresh runs) and after."""
+        data = None
         if self.config.eval.held_out and self.step == 0:
             self.evaluate()
         for index in range(self.phase_index, len(self.config.phases)):
             phase = self.config.phases[index]
             if index != self.phase_index:
                 self.phase_index, self.phase_step, self.sampler_state = index, 0, None
-            data = self._data = load_phase_data(self.config, phase, self.tokenizer, self.dist)
+            data = load_phase_data(self.config, phase, self.tokenizer, self.dist)
             if self.sampler_state is not None:
                 data.sampler.load_state_dict(self.sampler_state)
             if not self._run_phase(phase, data):
@@ -121,7 +165,7 @@ class Trainer:
                 return
         self.save_checkpoint()
         if self.config.eval.held_out:
-            self.evaluate()
+            self.evaluate(data)
 
     def _run_phase(self, phase: PhaseConfig, data: PhaseData) -> bool:
         """Train the rest of ``phase``; False when ``stop_after_steps`` ended it early."""
@@ -142,41 +186,49 @@ class Trainer:
         window, started = [], time.perf_counter()
         stream = self.teacher.prefetch(batches, lambda item: batch_sequences(item[0]))
         for (batch, sampler_state), topk, waited in stream:
-            window.append((batch, topk, waited))
+            window.append(MicroBatch(batch, topk, waited))
             if len(window) < accumulation:
                 continue
-            self._set_lr(phase, total)
-            stats = self.train_step(window)
+            stats = self.train_step(window, self._set_lr(phase, total))
             # Step time is wall time since the previous step ended: teacher waits included.
             stats.seconds = time.perf_counter() - started
             self.step, self.phase_step, self.sampler_state = self.step + 1, self.phase_step + 1, sampler_state
-            for trained, _, _ in window:
-                self.run_log.batch(self.step, trained.trajectory_ids)
+            for micro in window:
+                self.run_log.batch(self.step, micro.batch.trajectory_ids)
             window = []
-            self._after_step(phase, stats)
+            self._after_step(phase, data, stats)
             self._steps_this_run += 1
             if self._should_stop():
                 return False
             started = time.perf_counter()
         return True
 
-    def train_step(self, window: list[tuple[Batch, list, float]]) -> StepStats:
-        """One optimizer step over ``window`` = [(batch, teacher top-K per sequence, wait seconds)].
+    def train_step(self, window: list[MicroBatch], lr: float) -> StepStats:
+        """One optimizer step over ``window`` (``optim.accumulation_steps`` micro-batches) at the
+        base learning rate ``lr`` (already set on the optimizer's groups; reported in the stats).
 
         The host waits for the device once per step (the global loss and gradient norm), never
         per micro-batch: token counts come from the host-side masks.
         """
         start = time.perf_counter()
         device, world = self.dist.device, self.dist.world_size
-        counts = sum(int(batch.loss_mask[:, 1:].sum()) for batch, _, _ in window)
-        tokens = sum(int(batch.attention_mask.sum()) for batch, _, _ in window)
+        counts = sum(int(micro.batch.loss_mask[:, 1:].sum()) for micro in window)
+        tokens = sum(int(micro.batch.attention_mask.sum()) for micro in window)
         window_tokens, global_tokens = all_reduce_sum([counts, tokens], device)
         loss_sum, norms = torch.zeros((), dtype=torch.float64, device=device), None
-        for i, (batch, topk, _) in enumerate(window):
+        for i, micro in enumerate(window):
             self.hyper.set_requires_gradient_sync(i == len(window) - 1)
-            ids, logprobs, mask = teacher_tensors(batch, topk, device)
+            ids, logprobs, mask = teacher_tensors(micro.batch, micro.topk, device)
             loss, lora = distill_loss(
-                self.student, self.hyper, batch, ids, logprobs, mask, max(window_tokens, 1.0), self.config.optim, device
+                self.student,
+                self.hyper,
+                micro.batch,
+                ids,
+                logprobs,
+                mask,
+                max(window_tokens, 1.0),
+                self.config.optim,
+                device,
             )
             if i == len(window) - 1 and (self.step + 1) % self.config.metrics.log_every_steps == 0:
                 # Before backward: the factors may be views of parameters FSDP frees afterwards.
@@ -190,28 +242,30 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         (global_loss,) = all_reduce_sum([loss_sum], device)
         return StepStats(
+            lr,
             global_loss,
             int(global_tokens),
             int(window_tokens),
             grad_norm,
-            sum(w for _, _, w in window),
+            sum(micro.teacher_wait for micro in window),
             time.perf_counter() - start,
             norms,
         )
 
-    def _set_lr(self, phase: PhaseConfig, total: int) -> None:
+    def _set_lr(self, phase: PhaseConfig, total: int) -> float:
+        """Set this step's learning rate on every parameter group; returns the base rate."""
         lr = phase_lr(phase, self.phase_step, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        self._lr = lr
+        return lr
 
-    def _after_step(self, phase: PhaseConfig, stats: StepStats) -> None:
+    def _after_step(self, phase: PhaseConfig, data: PhaseData, stats: StepStats) -> None:
         cfg = self.config
         record = {
             "step": self.step,
             "phase": phase.name,
             "loss": stats.loss,
-            "lr": self._lr,
+            "lr": stats.lr,
             "grad_norm": stats.grad_norm,
             "tokens": stats.tokens,
             "assistant_tokens": stats.assistant_tokens,
@@ -229,7 +283,7 @@ class Trainer:
         if self.step % cfg.checkpoint.every_steps == 0:
             self.save_checkpoint()
         if cfg.eval.held_out and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-            self.evaluate()
+            self.evaluate(data)
 
     def _export_metrics(self, stats: StepStats) -> None:
         r = self.dist.rank
@@ -240,19 +294,18 @@ class Trainer:
         metrics.STEP_SECONDS.labels(rank=r).observe(stats.seconds)
         metrics.TEACHER_WAIT_SECONDS.labels(rank=r).observe(stats.teacher_wait)
         metrics.GRAD_NORM.labels(rank=r).set(stats.grad_norm)
-        metrics.LEARNING_RATE.labels(rank=r).set(self._lr)
+        metrics.LEARNING_RATE.labels(rank=r).set(stats.lr)
         metrics.PREFETCH_DEPTH.labels(rank=r).set(self.teacher.prefetch_depth)
         teacher = self.teacher.stats()
         metrics.export_teacher_stats(r, teacher, self._teacher_stats)
         self._teacher_stats = teacher
 
     # ---- evaluation and checkpoints -----------------------------------------------------
-    def evaluate(self) -> EvalReport:
-        """Every evaluation arm on the held-out examples (all ranks), written to ``<run_dir>/eval``,
-        log.jsonl, wandb and the ``trainer_eval_*`` gauges (``trainer/eval.py``)."""
-        data = self._data or load_phase_data(
-            self.config, self.config.phases[self.phase_index], self.tokenizer, self.dist
-        )
+    def evaluate(self, data: PhaseData | None = None) -> EvalReport:
+        """Every evaluation arm on the held-out examples of ``data`` (default: the current phase's;
+        all ranks), written to ``<run_dir>/eval``, log.jsonl, wandb and the ``trainer_eval_*``
+        gauges (``trainer/eval.py``)."""
+        data = data or load_phase_data(self.config, self.config.phases[self.phase_index], self.tokenizer, self.dist)
         report = evaluate_held_out(self.config, data, self.student, self.adapters, self.teacher, self.dist.device)
         publish(report, self.step, Path(self.config.run_dir) / "eval", self.dist.rank)
         self.run_log.eval(self.step, report.record(), report.scalars())
@@ -270,11 +323,11 @@ class Trainer:
         metrics.LAST_CHECKPOINT.labels(rank=self.dist.rank).set(self.checkpointer.last_save_time)
 
     def close(self) -> None:
-        if getattr(self, "teacher", None) is not None:
+        if self.teacher is not None:
             self.teacher.close()
-        if getattr(self, "run_log", None) is not None:
+        if self.run_log is not None:
             self.run_log.close()
-        if getattr(self, "metrics_server", None) is not None:
+        if self.metrics_server is not None:
             self.metrics_server.shutdown()
         close_distributed()
 
