@@ -30,12 +30,14 @@ proto: $(STUBS) ## generate the gRPC stubs into common/stubs/
 
 $(STUBS) &: $(PROTO) $(INSTALLED)
 	$(PY) -m grpc_tools.protoc -Icommon/stubs=$(dir $(PROTO)) --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+	# protoc names the import by the -I path; the folder is installed as hyperdistill.common.
+	sed -i 's/^from common\.stubs import/from hyperdistill.common.stubs import/' common/stubs/teacher_pb2_grpc.py
 
 models: setup ## build (once) the tiny teacher, student and demo teacher in .cache/tiny-models
-	$(PY) -m common.tiny_models
+	$(PY) -m hyperdistill.common.tiny_models
 
 data: models ## tokenize the fixture trajectories with the student's tokenizer (prints the summary)
-	$(PY) -m trainer.data --tokenizer .cache/tiny-models/student --source tests/fixtures/swe_rebench_sample.jsonl --max-length 8192
+	$(PY) -m hyperdistill.trainer.data --tokenizer .cache/tiny-models/student --source tests/fixtures/swe_rebench_sample.jsonl --max-length 8192
 
 lint: setup ## ruff format --check and ruff check (rules and line length in pyproject.toml)
 	$(PY) -m ruff format --check .
@@ -45,10 +47,10 @@ test: setup proto deploy-tools lint ## lint, then the test suite (installs promt
 	$(PY) -m pytest -q
 
 demo: setup proto models ## the whole job on CPU: teacher service + torchrun x2 trainer, tiny models, fixture data
-	$(PY) -m trainer.demo
+	$(PY) -m hyperdistill.trainer.demo
 
 teacher-demo: setup proto models ## only the teacher: score sample sequences, print positions/s and bytes/position
-	$(PY) -m teacher_service.demo --config $(TEACHER_CONFIG)
+	$(PY) -m hyperdistill.teacher_service.demo --config $(TEACHER_CONFIG)
 
 bench: setup proto models ## benchmarks P1-P6 (issue 7), ~7 min: runs/bench/report.md and report.json
 	$(PY) -m tests.bench.run --out runs/bench
@@ -60,7 +62,7 @@ chaos: setup proto models ## reliability suite R1-R5: bad input, teacher kills, 
 	$(PY) -m tests.chaos.run
 
 plan: setup ## per-GPU memory, host RAM and phase hours of the 8xH200 job, from the H200 measurements (issue 13)
-	$(PY) -m trainer.plan --config deploy/configs/trainer.h200.yaml --measured tests/gpu/results/h200.json
+	$(PY) -m hyperdistill.trainer.plan --config deploy/configs/trainer.h200.yaml --measured tests/gpu/results/h200.json
 
 gpu-check-wheels: ## download into .whl/ what the GPU image lacks (flash-linear-attention, datasets, ...) + the stubs
 	bash tests/gpu/prepare.sh

@@ -7,8 +7,8 @@ GPU, rank r serves ``/metrics`` on ``metrics.port + r``. ``check_compose`` and
 ``check_prometheus`` prove that ``deploy/compose.yaml`` and ``deploy/prometheus/prometheus.yml``
 say the same; they take parsed YAML, so a test can also feed them ``docker compose config``.
 
-    python -m common.cluster check   # layout + configs + compose + Prometheus targets
-    python -m common.cluster show    # the derived values, one KEY=VALUE a line
+    python -m hyperdistill.common.cluster check   # layout + configs + compose + Prometheus targets
+    python -m hyperdistill.common.cluster show    # the derived values, one KEY=VALUE a line
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from common.config import ConfigError, load_config
+from hyperdistill.common.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = ROOT / "deploy/cluster.yaml"
@@ -95,8 +95,8 @@ class Deployment:
 
 def load_deployment(layout_path: str | Path = LAYOUT) -> Deployment:
     """Load the layout and both production configs; ConfigError names every disagreement."""
-    from teacher_service.config import TeacherConfig
-    from trainer.config import TrainerConfig  # imports torch: only when a layout is checked
+    from hyperdistill.teacher_service.config import TeacherConfig
+    from hyperdistill.trainer.config import TrainerConfig  # imports torch: only when a layout is checked
 
     layout = load_config(ClusterLayout, layout_path)
     teacher = load_config(TeacherConfig, ROOT / layout.teacher.config)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.stubs import teacher_pb2 as pb
+from hyperdistill.common.stubs import teacher_pb2 as pb
 
 IDS_DTYPE = np.dtype("<i4")
 WIRE_DTYPES = {

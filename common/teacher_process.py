@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 class TeacherProcess:
-    """``python -m teacher_service`` on free loopback ports; ``with`` waits for SERVING and stops it."""
+    """``python -m hyperdistill.teacher_service`` on free loopback ports; ``with`` waits for SERVING and stops it."""
 
     def __init__(
         self,
@@ -48,7 +48,7 @@ class TeacherProcess:
         self.command = [
             sys.executable,
             "-m",
-            "teacher_service",
+            "hyperdistill.teacher_service",
             "--config",
             str(config),
             f"server.port={self.port}",

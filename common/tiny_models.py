@@ -1,6 +1,6 @@
 """Tiny random Qwen3 teacher and student checkpoints for CPU tests and local runs.
 
-`python -m common.tiny_models [--out DIR] [--force]` builds, offline and
+`python -m hyperdistill.common.tiny_models [--out DIR] [--force]` builds, offline and
 deterministically, a 2-layer `Qwen3MoeForCausalLM` teacher (the Qwen3-Coder-480B family)
 and a 4-layer `Qwen3NextForCausalLM` student (Qwen3-Coder-Next: three Gated DeltaNet
 layers then one gated-attention layer). Both keep the real padded vocabulary (151,936),
@@ -43,9 +43,9 @@ from transformers import (
     Qwen3NextForCausalLM,
 )
 
-from common.dirs import dir_lock, replace_dir
-from common.log import setup_logging
-from common.tokenizer import qwen_tokenizer_dir
+from hyperdistill.common.dirs import dir_lock, replace_dir
+from hyperdistill.common.log import setup_logging
+from hyperdistill.common.tokenizer import qwen_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _build_pair(out: Path) -> None:
 def demo_teacher_key() -> str:
     """sha256 over the tiny models' build key (this module, hence the demo teacher's seed, scale
     and rank, and the student's build) and the LoRA targets `build_lora_teacher` adapts."""
-    from trainer.hypernetwork import DEFAULT_TARGETS
+    from hyperdistill.trainer.hypernetwork import DEFAULT_TARGETS
 
     return hashlib.sha256(f"{build_key()} {DEMO_TEACHER_DIR} {DEFAULT_TARGETS!r}".encode()).hexdigest()
 
@@ -353,7 +353,7 @@ def build_lora_teacher(
     by full module name, `scale` folded into A, so that ``B @ A`` is the merged update (the
     oracle LoRA, at LoRA scale 1).
     """
-    from trainer.hypernetwork import DEFAULT_TARGETS, find_targets  # the trainer's own target matching
+    from hyperdistill.trainer.hypernetwork import DEFAULT_TARGETS, find_targets  # the trainer's own target matching
 
     model = Qwen3NextForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)

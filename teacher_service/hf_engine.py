@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from common.codec import TopK
-from teacher_service import metrics
-from teacher_service.config import EngineConfig
-from teacher_service.engine import EngineInfo
+from hyperdistill.common.codec import TopK
+from hyperdistill.teacher_service import metrics
+from hyperdistill.teacher_service.config import EngineConfig
+from hyperdistill.teacher_service.engine import EngineInfo
 
 logger = logging.getLogger(__name__)
 

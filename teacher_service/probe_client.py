@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.codec import TopK, TopKAssembler, pack_token_ids
-from common.stubs import teacher_pb2 as pb
-from common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.common.codec import TopK, TopKAssembler, pack_token_ids
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
 
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 

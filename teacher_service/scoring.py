@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.codec import bytes_per_position, encode_chunks, unpack_token_ids
-from common.stubs import teacher_pb2 as pb
-from teacher_service import metrics
-from teacher_service.engine import TeacherEngine
+from hyperdistill.common.codec import bytes_per_position, encode_chunks, unpack_token_ids
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.teacher_service import metrics
+from hyperdistill.teacher_service.engine import TeacherEngine
 
 logger = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.metrics import start_metrics_server
-from common.security import BearerTokenInterceptor, read_token, server_credentials
-from common.stubs import teacher_pb2 as pb
-from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from teacher_service.config import ServerConfig, TeacherConfig
-from teacher_service.engine_factory import build_engine
-from teacher_service.scoring import Admission, Limits, max_request_bytes
-from teacher_service.servicer import TeacherServicer, add_to_server
+from hyperdistill.common.metrics import start_metrics_server
+from hyperdistill.common.security import BearerTokenInterceptor, read_token, server_credentials
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from hyperdistill.teacher_service.config import ServerConfig, TeacherConfig
+from hyperdistill.teacher_service.engine_factory import build_engine
+from hyperdistill.teacher_service.scoring import Admission, Limits, max_request_bytes
+from hyperdistill.teacher_service.servicer import TeacherServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from common.codec import WIRE_DTYPES
-from common.stubs import teacher_pb2 as pb
-from common.stubs import teacher_pb2_grpc as pb_grpc
-from teacher_service import metrics
-from teacher_service.engine import TeacherEngine
-from teacher_service.scoring import Admission, Limits, Malformed, RequestError, StreamScorer
+from hyperdistill.common.codec import WIRE_DTYPES
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.teacher_service import metrics
+from hyperdistill.teacher_service.engine import TeacherEngine
+from hyperdistill.teacher_service.scoring import Admission, Limits, Malformed, RequestError, StreamScorer
 
 
 def add_to_server(servicer: TeacherServicer, server: grpc.aio.Server) -> None:

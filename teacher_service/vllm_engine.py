@@ -15,9 +15,9 @@ import uuid
 
 import numpy as np
 
-from common.codec import TopK
-from teacher_service.config import EngineConfig
-from teacher_service.engine import EngineInfo
+from hyperdistill.common.codec import TopK
+from hyperdistill.teacher_service.config import EngineConfig
+from hyperdistill.teacher_service.engine import EngineInfo
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.checkpoint
+from hyperdistill.trainer import checkpoint as trainer_checkpoint
+from hyperdistill.trainer.checkpoint import CheckpointConfig, Checkpointer, resolve_resume
 from tests.chaos.faults import (
     FaultBench,
     fault_ok,
@@ -19,7 +20,6 @@ from tests.chaos.faults import (
     run_teacher_faults,
     run_trainer_crashes,
 )
-from trainer.checkpoint import CheckpointConfig, Checkpointer, resolve_resume
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +112,13 @@ def test_r3_killed_after_a_save_before_pruning_then_at_most_keep_last_plus_1(che
     monkeypatch.undo()
     assert len(list(root.iterdir())) == 3  # keep_last + 1 complete: nothing pruned
     seen = []
-    dcp_save = trainer.checkpoint.dcp.save
+    dcp_save = trainer_checkpoint.dcp.save
 
     def counting_save(*args, **kwargs):
         seen.append(sorted(p.name for p in root.iterdir()))
         return dcp_save(*args, **kwargs)
 
-    monkeypatch.setattr(trainer.checkpoint.dcp, "save", counting_save)
+    monkeypatch.setattr(trainer_checkpoint.dcp, "save", counting_save)
     save(4)
     assert all(len(names) <= ckpt.config.keep_last + 1 for names in seen), seen
     assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]

@@ -7,10 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.codec import TopK, TopKAssembler, bytes_per_position, encode_chunks, pack_token_ids, unpack_token_ids
-from common.config import ConfigError, load_config
-from teacher_service.config import TeacherConfig
-from trainer.config import TrainerConfig
+from hyperdistill.common.codec import (
+    TopK,
+    TopKAssembler,
+    bytes_per_position,
+    encode_chunks,
+    pack_token_ids,
+    unpack_token_ids,
+)
+from hyperdistill.common.config import ConfigError, load_config
+from hyperdistill.teacher_service.config import TeacherConfig
+from hyperdistill.trainer.config import TrainerConfig
 
 TRAINER_CPU_CONFIG = Path(__file__).parents[1] / "deploy/configs/trainer.cpu.yaml"
 

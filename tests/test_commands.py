@@ -23,7 +23,7 @@ DOCS = [
     *sorted((ROOT / "deploy").glob("*.Dockerfile")),
     *sorted(ROOT.glob("tests/*/README.md")),
 ]
-FIRST_PARTY = ("common", "teacher_service", "trainer", "tests")
+FIRST_PARTY = ("hyperdistill", "tests")
 # `python -m X`, `$(PY) -m X`, `torchrun ... -m X` and compose's ["python3", "-m", "X"].
 MODULE = re.compile(r"""(?:python3?|\$\(PY\)|torchrun[^\n]*?)["',\s]+-m["',\s]+([A-Za-z_][\w.]*)""")
 
@@ -43,7 +43,9 @@ def documented_modules() -> list[str]:
     text = "\n".join(path.read_text() for path in DOCS)
     text += "\n".join(dry_run(target).stdout for target in make_targets())
     modules = {m for m in MODULE.findall(text) if m.split(".")[0] in FIRST_PARTY}
-    assert {"trainer", "teacher_service", "trainer.data", "trainer.plan"} <= modules, sorted(modules)
+    assert {"hyperdistill.trainer", "hyperdistill.teacher_service", "hyperdistill.trainer.plan"} <= modules, sorted(
+        modules
+    )
     return sorted(modules)
 
 

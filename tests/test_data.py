@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common.tokenizer import load_tokenizer
+from hyperdistill.common.tokenizer import load_tokenizer
+from hyperdistill.trainer import data
+from hyperdistill.trainer.data import DataConfig, prepare, render
+from hyperdistill.trainer.data import __main__ as data_cli
+from hyperdistill.trainer.data import rows as source_rows
+from hyperdistill.trainer.data.rows import BadRow
 from tests.fixtures import make_swe_rebench_sample
-from trainer import data
-from trainer.data import DataConfig, prepare, render
-from trainer.data import __main__ as data_cli
-from trainer.data import rows as source_rows
-from trainer.data.rows import BadRow
 
 FIXTURE = Path(__file__).parent / "fixtures" / "swe_rebench_sample.jsonl"
 COLUMNS = {

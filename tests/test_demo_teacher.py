@@ -12,15 +12,15 @@ import pytest
 import torch
 from transformers import Qwen3NextForCausalLM
 
-from common.config import load_config
-from common.teacher_process import TeacherProcess
-from common.tiny_models import DEMO_TEACHER_HEAD_DIM, ensure_demo_teacher, pad_linear_attention_heads
-from common.tokenizer import load_tokenizer
-from teacher_service.probe_client import ProbeClient
+from hyperdistill.common.config import load_config
+from hyperdistill.common.teacher_process import TeacherProcess
+from hyperdistill.common.tiny_models import DEMO_TEACHER_HEAD_DIM, ensure_demo_teacher, pad_linear_attention_heads
+from hyperdistill.common.tokenizer import load_tokenizer
+from hyperdistill.teacher_service.probe_client import ProbeClient
+from hyperdistill.trainer.config import TrainerConfig
+from hyperdistill.trainer.data.prepare import load_prepared
+from hyperdistill.trainer.loss import topk_kl_per_position
 from tests.conftest import ROOT
-from trainer.config import TrainerConfig
-from trainer.data.prepare import load_prepared
-from trainer.loss import topk_kl_per_position
 
 TEACHER_DEMO_CONFIG = ROOT / "deploy/configs/teacher.demo.yaml"
 TRAINER_CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"

@@ -33,9 +33,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.cluster import TEACHER, TRAINER, check_compose, check_prometheus, load_deployment, main
-from common.config import ConfigError
-from common.teacher_process import free_port
+from hyperdistill.common.cluster import TEACHER, TRAINER, check_compose, check_prometheus, load_deployment, main
+from hyperdistill.common.config import ConfigError
+from hyperdistill.common.teacher_process import free_port
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -451,7 +451,7 @@ def _trainer_command(teacher_address: str, student: Path, tmp_path: Path, port: 
         "--master_port",
         str(free_port()),
         "-m",
-        "trainer",
+        "hyperdistill.trainer",
         "--config",
         str(ROOT / "deploy/configs/trainer.cpu.yaml"),
         f"student.path={student}",

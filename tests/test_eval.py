@@ -16,13 +16,13 @@ import torch
 from prometheus_client import REGISTRY
 from torch import nn
 
-from common.codec import TopK
-from common.config import config_to_dict, load_config
-from common.teacher_process import free_port
-from trainer.checkpoint import CheckpointConfig, Checkpointer
-from trainer.config import OptimConfig, TrainerConfig
-from trainer.data.sampler import collate
-from trainer.eval import (
+from hyperdistill.common.codec import TopK
+from hyperdistill.common.config import config_to_dict, load_config
+from hyperdistill.common.teacher_process import free_port
+from hyperdistill.trainer.checkpoint import CheckpointConfig, Checkpointer
+from hyperdistill.trainer.config import OptimConfig, TrainerConfig
+from hyperdistill.trainer.data.sampler import collate
+from hyperdistill.trainer.eval import (
     EvalReport,
     HeldOut,
     bucket_labels,
@@ -31,8 +31,8 @@ from trainer.eval import (
     publish,
     swap_partners,
 )
-from trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
-from trainer.loss import topk_kl_loss, topk_kl_per_position
+from hyperdistill.trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
+from hyperdistill.trainer.loss import topk_kl_loss, topk_kl_per_position
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"
@@ -270,7 +270,7 @@ def test_eval_config_is_checked():
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the checkpoint is written without a group
 def test_cli_end_to_end(tmp_path, tiny_models, hf_teacher):
     """A checkpoint of the CPU config's hypernetwork (moved off its init), written by the trainer's
-    Checkpointer in this process, evaluated by ``python -m trainer.eval`` against the real teacher,
+    Checkpointer in this process, evaluated by ``python -m hyperdistill.trainer.eval`` against the real teacher,
     with the same checkpoint as the static arm."""
     from transformers import AutoModelForCausalLM
 
@@ -284,7 +284,7 @@ def test_cli_end_to_end(tmp_path, tiny_models, hf_teacher):
     command = [
         sys.executable,
         "-m",
-        "trainer.eval",
+        "hyperdistill.trainer.eval",
         "--config",
         str(CPU_CONFIG),
         "--checkpoint",

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import ConfigError, load_config
-from trainer.hypernetwork import (
+from hyperdistill.common.config import ConfigError, load_config
+from hyperdistill.trainer.hypernetwork import (
     HyperLoRAConfig,
     StaticLoRA,
     build_hyper_lora,
     find_targets,
     truncate_prompts,
 )
-from trainer.lora import hyper_lora
-from trainer.param_table import build_meta, render, table_rows
+from hyperdistill.trainer.lora import hyper_lora
+from hyperdistill.trainer.param_table import build_meta, render, table_rows
 
 SMALL = dict(
     rank=4,

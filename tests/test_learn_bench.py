@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.codec import TopK
+from hyperdistill.common.codec import TopK
+from hyperdistill.trainer.data.sampler import collate
 from tests.learn_bench import scored as scored_module
 from tests.learn_bench import task, teachers
 from tests.learn_bench.scored import load_scored
-from trainer.data.sampler import collate
 
 N = 2
 """Samples per split and variant."""
@@ -133,9 +133,9 @@ def test_teachers_are_rebuilt_when_the_student_changes(tmp_path, monkeypatch):
 def test_runner_trains_both_arms_and_the_oracle_closes_the_gap(scored_dir):
     """The bench's own pieces on the scored samples: two steps of each arm, then every arm; the
     oracle (the true LoRA_c) reproduces the service's teacher, so it closes the whole gap."""
-    from common.config import load_config
+    from hyperdistill.common.config import load_config
+    from hyperdistill.trainer.config import TrainerConfig
     from tests.learn_bench import run
-    from trainer.config import TrainerConfig
 
     data = load_scored(["instructions"], n_train=N, n_eval=N, out=scored_dir)["instructions"]
     adapters = {}

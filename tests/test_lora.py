@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.hypernetwork import DEFAULT_TARGETS, find_targets
-from trainer.lora import (
+from hyperdistill.trainer.hypernetwork import DEFAULT_TARGETS, find_targets
+from hyperdistill.trainer.lora import (
     GeneratedLoRA,
     LoRALinear,
     LoRAWeights,

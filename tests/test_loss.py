@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trainer.loss import topk_kl_loss
+from hyperdistill.trainer.loss import topk_kl_loss
 
 V, H = 64, 16
 

@@ -78,9 +78,9 @@ def test_checkpointing_off_runs_each_layer_once(tiny_models, tmp_path):
 
 
 def test_template_without_generation_blocks_fails_before_loading(tiny_models, tmp_path):
-    from common.tokenizer import load_tokenizer
-    from trainer.distributed import DistInfo
-    from trainer.model import build_models
+    from hyperdistill.common.tokenizer import load_tokenizer
+    from hyperdistill.trainer.distributed import DistInfo
+    from hyperdistill.trainer.model import build_models
 
     student = tmp_path / "student"
     shutil.copytree(tiny_models.student, student)
@@ -95,7 +95,7 @@ def test_template_without_generation_blocks_fails_before_loading(tiny_models, tm
 
 
 def test_prepare_data_takes_the_chat_template(tiny_models, tmp_path):
-    from trainer.data.__main__ import main
+    from hyperdistill.trainer.data.__main__ import main
 
     student = tmp_path / "student"
     shutil.copytree(tiny_models.student, student)
@@ -137,7 +137,7 @@ def test_each_rank_reads_only_its_shard(tmp_path):
 def test_cuda_refuses_the_deltanet_fallback_unless_allowed(tiny_models, caplog):
     from transformers import AutoConfig
 
-    from trainer.model import check_fast_kernels, fast_kernels
+    from hyperdistill.trainer.model import check_fast_kernels, fast_kernels
 
     student = AutoConfig.from_pretrained(tiny_models.student)
     check_fast_kernels(student, torch.device("cpu"), required=True)  # CPU: the kernels never run
@@ -157,8 +157,8 @@ def test_prefetch_must_cover_a_whole_accumulation_window():
 
 
 def test_production_config_loads_and_is_consistent():
-    from common.config import load_config
-    from trainer.config import TrainerConfig
+    from hyperdistill.common.config import load_config
+    from hyperdistill.trainer.config import TrainerConfig
 
     config = load_config(TrainerConfig, ROOT / "deploy/configs/trainer.h200.yaml")
     assert config.student.gradient_checkpointing and config.student.require_fast_kernels
@@ -175,8 +175,8 @@ def _strip_generation_blocks(template: Path) -> None:
 
 
 def _cpu_config(*overrides: str):
-    from common.config import load_config
-    from trainer.config import TrainerConfig
+    from hyperdistill.common.config import load_config
+    from hyperdistill.trainer.config import TrainerConfig
 
     return load_config(TrainerConfig, CPU_CONFIG, ["student.gradient_checkpointing=true", *overrides])
 
@@ -259,10 +259,10 @@ def _unsharded_layers(student) -> list[int]:
 def _check_sharding(args, overrides: list[str]) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from trainer.data.sampler import Batch
-    from trainer.distributed import init_distributed
-    from trainer.model import build_models
-    from trainer.train import distill_loss
+    from hyperdistill.trainer.data.sampler import Batch
+    from hyperdistill.trainer.distributed import init_distributed
+    from hyperdistill.trainer.model import build_models
+    from hyperdistill.trainer.train import distill_loss
 
     config = _cpu_config(*overrides)
     dist = init_distributed()
@@ -317,8 +317,8 @@ def _check_sharding(args, overrides: list[str]) -> dict:
 
 
 def _check_load_rss(args, overrides: list[str]) -> dict:
-    from trainer.distributed import init_distributed
-    from trainer.model import build_models
+    from hyperdistill.trainer.distributed import init_distributed
+    from hyperdistill.trainer.model import build_models
 
     config = _cpu_config(*overrides, "hypernetwork.targets=[self_attn.q_proj]")
     dist = init_distributed()

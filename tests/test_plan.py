@@ -10,12 +10,18 @@ import pytest
 import torch
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-from common.tiny_models import STUDENT_CONFIG
-from trainer import plan
-from trainer.hypernetwork import DEFAULT_TARGETS, find_targets
-from trainer.lora import GeneratedLoRA, LoRAWeights, enable_gradient_checkpointing, hyper_lora, wrap_targets
-from trainer.loss import topk_kl_loss
-from trainer.param_table import QWEN3_CODER_NEXT
+from hyperdistill.common.tiny_models import STUDENT_CONFIG
+from hyperdistill.trainer import plan
+from hyperdistill.trainer.hypernetwork import DEFAULT_TARGETS, find_targets
+from hyperdistill.trainer.lora import (
+    GeneratedLoRA,
+    LoRAWeights,
+    enable_gradient_checkpointing,
+    hyper_lora,
+    wrap_targets,
+)
+from hyperdistill.trainer.loss import topk_kl_loss
+from hyperdistill.trainer.param_table import QWEN3_CODER_NEXT
 
 H200_CONFIG = "deploy/configs/trainer.h200.yaml"
 
@@ -184,7 +190,7 @@ def test_plan_uses_measured_numbers(tmp_path, capsys):
 
 
 def plan_config():
-    from common.config import load_config
-    from trainer.config import TrainerConfig
+    from hyperdistill.common.config import load_config
+    from hyperdistill.trainer.config import TrainerConfig
 
     return load_config(TrainerConfig, H200_CONFIG)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from trainer.data.render import STORED_FEATURES
-from trainer.data.sampler import Batch, LengthBucketSampler, collate, iterate_batches
+from hyperdistill.trainer.data.render import STORED_FEATURES
+from hyperdistill.trainer.data.sampler import Batch, LengthBucketSampler, collate, iterate_batches
 
 BUDGET = 4096
 PAD = 151643

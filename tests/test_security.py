@@ -28,18 +28,23 @@ import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.codec import pack_token_ids
-from common.config import config_from_dict, load_config
-from common.stubs import teacher_pb2 as pb
-from common.stubs import teacher_pb2_grpc as pb_grpc
-from common.teacher_process import TeacherProcess
-from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from teacher_service.config import ServerConfig, TeacherConfig
-from teacher_service.server import serve
+from hyperdistill.common.codec import pack_token_ids
+from hyperdistill.common.config import config_from_dict, load_config
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.common.teacher_process import TeacherProcess
+from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from hyperdistill.teacher_service.config import ServerConfig, TeacherConfig
+from hyperdistill.teacher_service.server import serve
+from hyperdistill.trainer.checkpoint import CheckpointConfig, Checkpointer
+from hyperdistill.trainer.teacher_client import (
+    TeacherClient,
+    TeacherClientConfig,
+    TeacherRequestError,
+    TeacherUnavailableError,
+)
 from tests.conftest import ROOT, TEACHER_CPU_CONFIG
 from tests.helpers import VOCAB, assert_matches_reference, random_ids
-from trainer.checkpoint import CheckpointConfig, Checkpointer
-from trainer.teacher_client import TeacherClient, TeacherClientConfig, TeacherRequestError, TeacherUnavailableError
 
 TOKEN_ENV = "HYPERDISTILL_TEST_TEACHER_TOKEN"
 TOKEN = secrets.token_hex(16)

@@ -17,13 +17,11 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from common.teacher_process import TeacherProcess, free_port
-from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from teacher_service.probe_client import ProbeClient
-from tests.conftest import adopt, start_teacher
-from tests.helpers import ATOL, VOCAB, random_ids, scrape_metrics
-from trainer import metrics
-from trainer.teacher_client import (
+from hyperdistill.common.teacher_process import TeacherProcess, free_port
+from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from hyperdistill.teacher_service.probe_client import ProbeClient
+from hyperdistill.trainer import metrics
+from hyperdistill.trainer.teacher_client import (
     TeacherClient,
     TeacherClientConfig,
     TeacherClientStats,
@@ -31,6 +29,8 @@ from trainer.teacher_client import (
     TeacherRequestError,
     TeacherUnavailableError,
 )
+from tests.conftest import adopt, start_teacher
+from tests.helpers import ATOL, VOCAB, random_ids, scrape_metrics
 
 TOP_K = 4
 NUM_BATCHES = 8

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.codec import pack_token_ids
-from common.stubs import teacher_pb2 as pb
-from teacher_service.probe_client import ProbeClient
+from hyperdistill.common.codec import pack_token_ids
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.teacher_service.probe_client import ProbeClient
 from tests.conftest import start_teacher
 from tests.helpers import assert_matches_reference, random_ids, scrape_metrics
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from common.codec import TopKAssembler, pack_token_ids
-from common.stubs import teacher_pb2 as pb
-from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from teacher_service.config import EngineConfig
-from teacher_service.hf_engine import HFEngine
-from teacher_service.probe_client import ProbeClient
+from hyperdistill.common.codec import TopKAssembler, pack_token_ids
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from hyperdistill.teacher_service.config import EngineConfig
+from hyperdistill.teacher_service.hf_engine import HFEngine
+from hyperdistill.teacher_service.probe_client import ProbeClient
 from tests.helpers import ATOL, VOCAB, assert_matches_reference, random_ids, scrape_metrics
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from common.teacher_process import free_port
+from hyperdistill.common.teacher_process import free_port
 from tests.conftest import ROOT, start_teacher
 
 TRAINER_CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"
@@ -53,7 +53,7 @@ def trainer_command(run_dir: Path, address: str, tiny_models, data_cache: Path, 
         "--shutdown-timeout",
         "300",
         "-m",
-        "trainer",
+        "hyperdistill.trainer",
         "--config",
         str(TRAINER_CPU_CONFIG),
         f"student.path={tiny_models.student}",
@@ -224,7 +224,7 @@ def test_unreachable_teacher_fails_clearly(tmp_path, tiny_models, data_cache):
 def test_teacher_with_another_tokenizer_is_refused(tmp_path, teacher, tiny_models, data_cache):
     student = tmp_path / "student-other-tokenizer"
     shutil.copytree(tiny_models.student, student)
-    from common.tokenizer import load_tokenizer
+    from hyperdistill.common.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(student)
     tokenizer.add_tokens(["<|hyperdistill_extra|>"])

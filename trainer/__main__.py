@@ -1,14 +1,17 @@
-"""``[torchrun --nproc_per_node N] python -m trainer --config deploy/configs/trainer.cpu.yaml [key.sub=value ...]``"""
+"""The training job:
+
+[torchrun --nproc_per_node N] python -m hyperdistill.trainer --config deploy/configs/trainer.cpu.yaml [key=value ...]
+"""
 
 import argparse
 import json
 import logging
 import os
 
-from common.config import config_to_dict, load_config
-from common.log import setup_logging
-from trainer.config import TrainerConfig
-from trainer.train import Trainer
+from hyperdistill.common.config import config_to_dict, load_config
+from hyperdistill.common.log import setup_logging
+from hyperdistill.trainer.config import TrainerConfig
+from hyperdistill.trainer.train import Trainer
 
 
 def main() -> None:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointConfig
-from trainer.data import DataConfig
-from trainer.hypernetwork import PARAMETER_GROUPS, HyperLoRAConfig
-from trainer.teacher_client import TeacherClientConfig
+from hyperdistill.trainer.checkpoint import CheckpointConfig
+from hyperdistill.trainer.data import DataConfig
+from hyperdistill.trainer.hypernetwork import PARAMETER_GROUPS, HyperLoRAConfig
+from hyperdistill.trainer.teacher_client import TeacherClientConfig
 
 
 @dataclass(kw_only=True)

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from common.log import setup_logging
-from common.teacher_process import TeacherProcess, free_port
-from common.tiny_models import ensure_demo_teacher, ensure_tiny_models
+from hyperdistill.common.log import setup_logging
+from hyperdistill.common.teacher_process import TeacherProcess, free_port
+from hyperdistill.common.tiny_models import ensure_demo_teacher, ensure_tiny_models
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def main() -> None:
             "--master_port",
             str(free_port()),
             "-m",
-            "trainer",
+            "hyperdistill.trainer",
             "--config",
             args.trainer_config,
             f"teacher.addresses=[{teacher.address}]",

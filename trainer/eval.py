@@ -1,7 +1,8 @@
 """Evaluation arms on the held-out trajectories: what the generated LoRA gains, and how much of
 that gain is per-prompt.
 
-``[torchrun --nproc_per_node N] python -m trainer.eval --config C --checkpoint DIR [--static-checkpoint DIR]``
+``[torchrun --nproc_per_node N] python -m hyperdistill.trainer.eval --config C --checkpoint DIR
+[--static-checkpoint DIR]``
 
 Arms, one student forward each per held-out example:
 
@@ -43,21 +44,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.codec import TopK
-from common.config import config_from_dict, load_config
-from common.log import setup_logging
-from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from trainer import metrics
-from trainer.checkpoint import checkpoint_path, load_weights, read_train_state
-from trainer.config import OptimConfig, TrainerConfig
-from trainer.data.phase import PhaseData, load_phase_data
-from trainer.data.sampler import Batch, batch_sequences, collate, teacher_tensors
-from trainer.distributed import all_reduce_sum, close_distributed, init_distributed
-from trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
-from trainer.lora import GeneratedLoRA, hyper_lora
-from trainer.loss import topk_kl_per_position
-from trainer.model import build_models, shard_adapter
-from trainer.teacher_client import TeacherClient
+from hyperdistill.common.codec import TopK
+from hyperdistill.common.config import config_from_dict, load_config
+from hyperdistill.common.log import setup_logging
+from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from hyperdistill.trainer import metrics
+from hyperdistill.trainer.checkpoint import checkpoint_path, load_weights, read_train_state
+from hyperdistill.trainer.config import OptimConfig, TrainerConfig
+from hyperdistill.trainer.data.phase import PhaseData, load_phase_data
+from hyperdistill.trainer.data.sampler import Batch, batch_sequences, collate, teacher_tensors
+from hyperdistill.trainer.distributed import all_reduce_sum, close_distributed, init_distributed
+from hyperdistill.trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
+from hyperdistill.trainer.lora import GeneratedLoRA, hyper_lora
+from hyperdistill.trainer.loss import topk_kl_per_position
+from hyperdistill.trainer.model import build_models, shard_adapter
+from hyperdistill.trainer.teacher_client import TeacherClient
 
 logger = logging.getLogger(__name__)
 

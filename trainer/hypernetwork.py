@@ -32,7 +32,7 @@ collapse too, later or to uniform gates (issue 12's note has the numbers).
 
 Cost: per target r * (in + out) bank parameters (a static LoRA's) and n generated gates per
 prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies, as before.
-`python -m trainer.param_table` prints the counts for the real student.
+`python -m hyperdistill.trainer.param_table` prints the counts for the real student.
 
 Initialisation: B = 0 exactly, so the student's outputs are unchanged bit for bit at step 0.
 As in standard LoRA, at step 0 only B receives gradient (dL/dA = 0 since B = 0, and the
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trainer.lora import GeneratedLoRA, LoRAWeights, wrap_targets
+from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, wrap_targets
 
 log = logging.getLogger(__name__)
 

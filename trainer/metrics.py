@@ -3,7 +3,7 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from trainer.teacher_client import TeacherClientStats
+from hyperdistill.trainer.teacher_client import TeacherClientStats
 
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -1,6 +1,6 @@
 """The frozen student and the hypernetwork on the trainer's devices: `build_models`.
 
-The order is what makes an 80B student fit (see `python -m trainer.plan`):
+The order is what makes an 80B student fit (see `python -m hyperdistill.trainer.plan`):
 
 1. The chat template is checked before any weight is read (a template without
    ``{% generation %}`` blocks gives no loss mask; failing after four ranks loaded 160 GB
@@ -36,11 +36,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from trainer.config import StudentConfig, TrainerConfig
-from trainer.data.render import check_chat_template
-from trainer.distributed import DistInfo
-from trainer.hypernetwork import HyperLoRA, build_hyper_lora
-from trainer.lora import enable_gradient_checkpointing
+from hyperdistill.trainer.config import StudentConfig, TrainerConfig
+from hyperdistill.trainer.data.render import check_chat_template
+from hyperdistill.trainer.distributed import DistInfo
+from hyperdistill.trainer.hypernetwork import HyperLoRA, build_hyper_lora
+from hyperdistill.trainer.lora import enable_gradient_checkpointing
 
 logger = logging.getLogger(__name__)
 

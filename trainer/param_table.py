@@ -1,4 +1,4 @@
-"""`python -m trainer.param_table [key=value ...]`: HyperLoRA sizes for the real Qwen3-Coder-Next.
+"""`python -m hyperdistill.trainer.param_table [key=value ...]`: HyperLoRA sizes for the real Qwen3-Coder-Next.
 
 Builds `Qwen3NextForCausalLM` from the published config values on the meta device (no
 memory, no download), discovers the LoRA targets, builds the hypernetwork on meta and prints
@@ -14,8 +14,8 @@ import argparse
 import torch
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-from common.config import load_config
-from trainer.hypernetwork import HyperLoRA, HyperLoRAConfig, find_targets
+from hyperdistill.common.config import load_config
+from hyperdistill.trainer.hypernetwork import HyperLoRA, HyperLoRAConfig, find_targets
 
 # Qwen3-Coder-Next / Qwen3-Next-80B-A3B (DESIGN.md, Reference facts).
 QWEN3_CODER_NEXT = dict(
@@ -126,7 +126,7 @@ def render(config: HyperLoRAConfig, student: torch.nn.Module, hyper: HyperLoRA) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.param_table",
+        prog="python -m hyperdistill.trainer.param_table",
         description="Print HyperLoRA targets, shapes, generated numbers and parameters for the real Qwen3-Coder-Next.",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="hypernetwork config overrides, e.g. rank=32")

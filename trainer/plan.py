@@ -1,4 +1,4 @@
-"""`python -m trainer.plan --config deploy/configs/trainer.h200.yaml [--phase NAME] [--measured FILE.json]`
+"""`python -m hyperdistill.trainer.plan --config deploy/configs/trainer.h200.yaml [--phase NAME] [--measured FILE.json]`
 
 Memory and time plan of a trainer config for the real Qwen3-Coder-Next (`QWEN3_CODER_NEXT`: 48 layers,
 36 Gated DeltaNet + 12 gated attention, hidden 2048, 512 experts top-10, vocab 151,936, bf16) under
@@ -70,7 +70,7 @@ LAYER_CALIBRATION = {
 """Bytes per token of one real-width decoder layer with 512 experts, bf16, LoRA rank 16 active:
 ``saved`` = what it saves for backward, ``peak`` = its forward + backward allocator peak (the saved
 tensors plus backward transients); neither counts the layer's input (checkpointed separately).
-Measured by `python -m trainer.plan --calibrate` (torch 2.13.0+cpu, transformers 5.19.0; SDPA
+Measured by `python -m hyperdistill.trainer.plan --calibrate` (torch 2.13.0+cpu, transformers 5.19.0; SDPA
 attention, grouped_mm experts, transformers' PyTorch DeltaNet fallback, whose chunked recurrence
 keeps float32 intermediates and a [32, 128, 128] float32 state per 64-token chunk: flash-linear-attention
 saves less, and `--measured` says how much) as the increment per token between T = 128 and 256, where
@@ -158,7 +158,7 @@ class HyperShape:
 
 def hyper_shape(config) -> HyperShape:
     """Count a `HyperLoRAConfig`'s hypernetwork for the real student (built on meta)."""
-    from trainer.param_table import build_meta
+    from hyperdistill.trainer.param_table import build_meta
 
     _, hyper = build_meta(config)
     generated = sum(config.rank * (t.in_features + t.out_features) for t in hyper.targets)
@@ -502,8 +502,8 @@ def measure_layer(
     from transformers import Qwen3NextConfig
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextDecoderLayer, Qwen3NextRotaryEmbedding
 
-    from trainer.hypernetwork import DEFAULT_TARGETS
-    from trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora, wrap_targets
+    from hyperdistill.trainer.hypernetwork import DEFAULT_TARGETS
+    from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora, wrap_targets
 
     torch.manual_seed(seed)
     cfg = Qwen3NextConfig(**config_kwargs)
@@ -567,7 +567,7 @@ def calibrate(
     between the two T (the per-token constant: T-independent bytes such as the LoRA factors' bf16
     copies drop out), the bytes per expert and token, and the constants extrapolated to 512 experts.
     """
-    from trainer.param_table import QWEN3_CODER_NEXT
+    from hyperdistill.trainer.param_table import QWEN3_CODER_NEXT
 
     out = {"tokens": list(tokens), "experts": list(experts), "torch": torch.__version__}
     for kind in KINDS:
@@ -738,7 +738,7 @@ def render_phase(p: dict) -> str:
 
 def plan(cfg, hw: Hardware, phase: str | None = None, measured_path: str | None = None) -> dict:
     """The whole plan for a `TrainerConfig` as plain data."""
-    from trainer.param_table import QWEN3_CODER_NEXT
+    from hyperdistill.trainer.param_table import QWEN3_CODER_NEXT
 
     shape, hyper = student_shape(QWEN3_CODER_NEXT), hyper_shape(cfg.hypernetwork)
     measured = load_measured(measured_path, shape, hyper, cfg.teacher.top_k) if measured_path else None
@@ -807,7 +807,7 @@ def _mean_tokens_arg(text: str) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.plan",
+        prog="python -m hyperdistill.trainer.plan",
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -854,8 +854,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.config:
         parser.error("--config is required (or --calibrate)")
-    from common.config import load_config
-    from trainer.config import TrainerConfig
+    from hyperdistill.common.config import load_config
+    from hyperdistill.trainer.config import TrainerConfig
 
     cfg = load_config(TrainerConfig, args.config, overrides=args.overrides)
     hw = Hardware(

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from common.config import config_to_dict
+from hyperdistill.common.config import config_to_dict
 
 logger = logging.getLogger(__name__)
 

@@ -21,23 +21,23 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from common.codec import TopK
-from common.config import config_to_dict
-from common.metrics import start_metrics_server
-from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from trainer import metrics
-from trainer.checkpoint import Checkpointer, resolve_resume
-from trainer.config import OptimConfig, PhaseConfig, TrainerConfig
-from trainer.data.phase import PhaseData, load_phase_data
-from trainer.data.sampler import Batch, batch_sequences, teacher_tensors
-from trainer.distributed import DistInfo, all_reduce_sum, close_distributed, init_distributed
-from trainer.eval import EvalReport, eval_adapters, evaluate_held_out, publish
-from trainer.hypernetwork import Adapter, HyperLoRA
-from trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
-from trainer.loss import topk_kl_loss
-from trainer.model import build_models
-from trainer.teacher_client import TeacherClient, TeacherClientStats
-from trainer.tracking import RunLog
+from hyperdistill.common.codec import TopK
+from hyperdistill.common.config import config_to_dict
+from hyperdistill.common.metrics import start_metrics_server
+from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from hyperdistill.trainer import metrics
+from hyperdistill.trainer.checkpoint import Checkpointer, resolve_resume
+from hyperdistill.trainer.config import OptimConfig, PhaseConfig, TrainerConfig
+from hyperdistill.trainer.data.phase import PhaseData, load_phase_data
+from hyperdistill.trainer.data.sampler import Batch, batch_sequences, teacher_tensors
+from hyperdistill.trainer.distributed import DistInfo, all_reduce_sum, close_distributed, init_distributed
+from hyperdistill.trainer.eval import EvalReport, eval_adapters, evaluate_held_out, publish
+from hyperdistill.trainer.hypernetwork import Adapter, HyperLoRA
+from hyperdistill.trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
+from hyperdistill.trainer.loss import topk_kl_loss
+from hyperdistill.trainer.model import build_models
+from hyperdistill.trainer.teacher_client import TeacherClient, TeacherClientStats
+from hyperdistill.trainer.tracking import RunLog
 
 logger = logging.getLogger(__name__)
 

@@ -111,8 +111,8 @@ def write_result(path: str | Path, result: dict) -> None:
 
 def trainer_data_config():
     """The demo's data config (``deploy/configs/trainer.cpu.yaml``), so the benchmarks score its trajectories."""
-    from common.config import load_config
-    from trainer.config import TrainerConfig
+    from hyperdistill.common.config import load_config
+    from hyperdistill.trainer.config import TrainerConfig
 
     config = load_config(
         TrainerConfig,
@@ -129,8 +129,8 @@ def trainer_data_config():
 def demo_sequences(total_positions: int) -> list[np.ndarray]:
     """Prepared demo trajectories (int32 [T_i]), cycled and the last one cut, so that the
     positions (sum of T_i - 1) add up to exactly ``total_positions``."""
-    from common.tokenizer import load_tokenizer
-    from trainer.data.prepare import load_prepared
+    from hyperdistill.common.tokenizer import load_tokenizer
+    from hyperdistill.trainer.data.prepare import load_prepared
 
     dataset = load_prepared(trainer_data_config(), load_tokenizer(_tiny().student))
     examples = [np.asarray(ids, dtype=np.int32) for ids in dataset["input_ids"]]
@@ -144,6 +144,6 @@ def demo_sequences(total_positions: int) -> list[np.ndarray]:
 
 
 def _tiny():
-    from common.tiny_models import ensure_tiny_models
+    from hyperdistill.common.tiny_models import ensure_tiny_models
 
     return ensure_tiny_models()

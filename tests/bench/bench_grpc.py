@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from common.codec import TopK, TopKAssembler, pack_token_ids
-from common.stubs import teacher_pb2 as pb
-from common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.common.codec import TopK, TopKAssembler, pack_token_ids
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's length-prefixed message framing: 1 flag byte + 4 length bytes per message.

@@ -41,19 +41,19 @@ SEQ_LEN = 2048
 
 
 def demo_config():
-    from common.config import load_config
-    from common.tiny_models import ensure_tiny_models
-    from trainer.config import TrainerConfig
+    from hyperdistill.common.config import load_config
+    from hyperdistill.common.tiny_models import ensure_tiny_models
+    from hyperdistill.trainer.config import TrainerConfig
 
     return load_config(TrainerConfig, TRAINER_CPU_CONFIG, [f"student.path={ensure_tiny_models().student}"])
 
 
 def demo_batch(config):
     """The two longest prepared trajectories cut to SEQ_LEN, collated as the trainer does."""
-    from common.tokenizer import load_tokenizer
+    from hyperdistill.common.tokenizer import load_tokenizer
+    from hyperdistill.trainer.data.prepare import load_prepared
+    from hyperdistill.trainer.data.sampler import collate
     from tests.bench.bench_common import trainer_data_config
-    from trainer.data.prepare import load_prepared
-    from trainer.data.sampler import collate
 
     tokenizer = load_tokenizer(config.student.path)
     dataset = load_prepared(trainer_data_config(), tokenizer)
@@ -77,8 +77,8 @@ def build_variants(config, batch) -> dict:
     """({variant: step function running one forward + backward}, parameter counts)."""
     from peft import LoraConfig, get_peft_model
 
-    from trainer.hypernetwork import build_hyper_lora
-    from trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora
+    from hyperdistill.trainer.hypernetwork import build_hyper_lora
+    from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora
 
     hcfg = config.hypernetwork
     embeds = load_student(config.student.path).get_input_embeddings()(batch.input_ids).detach()

@@ -75,7 +75,7 @@ def checkpointed_topk_kl(hidden, weight, teacher_ids, teacher_logprobs, mask, nu
     """The product's loss before P5 (commit 7dd378c): the same chunks, each under non-reentrant
     activation checkpointing, so backward recomputes the chunk's [C, V] logits and autograd holds
     several [C, V] buffers (logits, log-softmax, scatter, their gradients) at once."""
-    from trainer.loss import _LOG_TINY, _teacher_tail
+    from hyperdistill.trainer.loss import _LOG_TINY, _teacher_tail
 
     def chunk_kl(h, ids, lp):
         logits = (h @ weight.T).float()
@@ -99,7 +99,7 @@ def checkpointed_topk_kl(hidden, weight, teacher_ids, teacher_logprobs, mask, nu
 
 
 def measure(variant: str, positions: int, repeats: int, chunk: int) -> dict:
-    from trainer.loss import topk_kl_loss
+    from hyperdistill.trainer.loss import topk_kl_loss
 
     hidden, weight, ids, logprobs, mask = inputs(positions)
     base = current_rss_bytes()

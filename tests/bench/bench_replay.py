@@ -30,8 +30,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.stubs import teacher_pb2 as pb
-from common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
 from tests.bench.bench_common import ROOT
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def record_key(token_ids: bytes, top_k: int) -> str:
 
 def save_records(path: Path, info: pb.TeacherInfo, sequences, chunks, top_k: int) -> None:
     """sequences: int32 [T_i] each; chunks: the ScoreChunks the teacher sent for each."""
-    from common.codec import pack_token_ids
+    from hyperdistill.common.codec import pack_token_ids
 
     records = {
         record_key(pack_token_ids(ids), top_k): [c.SerializeToString() for c in per_seq]

@@ -2,7 +2,7 @@
 
 The demo's trainer set-up (``make demo`` itself serves the demo teacher of ``teacher.demo.yaml``):
 the vLLM-CPU teacher of ``deploy/configs/teacher.cpu.yaml`` and
-``torchrun --nproc_per_node 2 -m trainer --config deploy/configs/trainer.cpu.yaml``, launched as
+``torchrun --nproc_per_node 2 -m hyperdistill.trainer --config deploy/configs/trainer.cpu.yaml``, launched as
 ``tests/test_trainer_e2e.py`` launches it (no metrics port, no wandb, no held-out set; one phase
 of ``steps`` optimizer steps over the demo's trajectories). Runs:
 
@@ -30,7 +30,7 @@ from tests.bench.bench_common import ROOT, TRAINER_CPU_CONFIG, summarize
 
 
 def trainer_command(run_dir: Path, address: str, student: Path, steps: int, *overrides: str) -> list[str]:
-    from common.teacher_process import free_port
+    from hyperdistill.common.teacher_process import free_port
 
     phases = f"phases=[{{name: main, lr: 0.002, epochs: 100, warmup_steps: 0, max_steps: {steps}}}]"
     return [
@@ -42,7 +42,7 @@ def trainer_command(run_dir: Path, address: str, student: Path, steps: int, *ove
         "--master_port",
         str(free_port()),
         "-m",
-        "trainer",
+        "hyperdistill.trainer",
         "--config",
         str(TRAINER_CPU_CONFIG),
         f"student.path={student}",
@@ -84,10 +84,10 @@ def training_sequences() -> list:
     """The token ids the trainer will ask the teacher for: every prepared demo example (int32 [T])."""
     import numpy as np
 
-    from common.tiny_models import ensure_tiny_models
-    from common.tokenizer import load_tokenizer
+    from hyperdistill.common.tiny_models import ensure_tiny_models
+    from hyperdistill.common.tokenizer import load_tokenizer
+    from hyperdistill.trainer.data.prepare import load_prepared
     from tests.bench.bench_common import trainer_data_config
-    from trainer.data.prepare import load_prepared
 
     dataset = load_prepared(trainer_data_config(), load_tokenizer(ensure_tiny_models().student))
     return [np.asarray(ids, dtype=np.int32) for ids in dataset["input_ids"]]
@@ -116,7 +116,7 @@ def run_summary(records: list[dict]) -> dict:
 def record_for_replay(out: Path, address: str, scored_sequences: list, recorded) -> Path:
     """Recorded answers for every training sequence, from the P2 pass (``recorded``, over
     ``scored_sequences``) where it covers them, else scored now on ``address``."""
-    from common.codec import pack_token_ids
+    from hyperdistill.common.codec import pack_token_ids
     from tests.bench.bench_common import TOP_K
     from tests.bench.bench_grpc import score_streams
     from tests.bench.bench_replay import record_key, save_records
@@ -141,8 +141,8 @@ def run(out: Path, steps: int, teacher_address: str, teacher_positions_per_s: fl
     """The three runs (real teacher: prefetch on, off; replay: prefetch on) and their summaries."""
     import yaml
 
-    from common.teacher_process import free_port
-    from common.tiny_models import ensure_tiny_models
+    from hyperdistill.common.teacher_process import free_port
+    from hyperdistill.common.tiny_models import ensure_tiny_models
     from tests.bench.bench_replay import ReplayProcess
 
     student = ensure_tiny_models().student

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common.log import setup_logging
+from hyperdistill.common.log import setup_logging
 from tests.bench import bench_report
 from tests.bench.bench_common import machine_info
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from common.codec import TopKAssembler, pack_token_ids
-from common.stubs import teacher_pb2 as pb
+from hyperdistill.common.codec import TopKAssembler, pack_token_ids
+from hyperdistill.common.stubs import teacher_pb2 as pb
 from tests.chaos.load import CLIENT_MASKED
 
 SERVICE = "/hyperdistill.teacher.v1.TeacherService/"

@@ -39,10 +39,10 @@ import psutil
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from common.teacher_process import TeacherProcess
-from common.tiny_models import TinyModels
+from hyperdistill.common.teacher_process import TeacherProcess
+from hyperdistill.common.tiny_models import TinyModels
+from hyperdistill.trainer.checkpoint import complete_checkpoints
 from tests.test_trainer_e2e import TEACHER_OVERRIDES, losses, trained_batches, trainer_command
-from trainer.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHER_CONFIG = ROOT / "deploy/configs/teacher.cpu.yaml"

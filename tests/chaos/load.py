@@ -23,9 +23,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.codec import pack_token_ids
-from common.stubs import teacher_pb2 as pb
-from common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.common.codec import pack_token_ids
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 

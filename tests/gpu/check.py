@@ -42,8 +42,15 @@ from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script: make `common` and `trainer` importable
+if str(ROOT) not in sys.path:  # run as a script: make `tests` importable
     sys.path.insert(0, str(ROOT))
+try:
+    import hyperdistill.trainer  # noqa: F401  (installed: pip install -e .)
+except ModuleNotFoundError:  # a checkout that is not installed (the GPU machine): the folders are the namespace
+    import types
+
+    sys.modules["hyperdistill"] = types.ModuleType("hyperdistill")
+    sys.modules["hyperdistill"].__path__ = [str(ROOT)]
 
 RESULT_FILE = "gpu_check.json"
 GPU_TOKENS = (4096, 16384, 32768)
@@ -68,7 +75,7 @@ def student_config(widths: str, num_experts: int | None = None) -> dict:
     """Qwen3NextConfig kwargs: ``real``, the Qwen3-Coder-Next widths with 4 layers (3 DeltaNet + 1
     attention), or ``tiny``, the tiny student's widths; ``num_experts`` shrinks the MoE (a smoke run of
     the real widths on CPU)."""
-    from common.tiny_models import BOS_ID, EOS_ID, STUDENT_CONFIG
+    from hyperdistill.common.tiny_models import BOS_ID, EOS_ID, STUDENT_CONFIG
 
     if widths == "tiny":
         config = dict(STUDENT_CONFIG)
@@ -80,7 +87,7 @@ def student_config(widths: str, num_experts: int | None = None) -> dict:
 
 
 def _real_config(bos: int, eos: int) -> dict:
-    from trainer.param_table import QWEN3_CODER_NEXT
+    from hyperdistill.trainer.param_table import QWEN3_CODER_NEXT
 
     return dict(
         QWEN3_CODER_NEXT,
@@ -101,8 +108,8 @@ def write_student(model_dir: Path, config: dict, cpu: bool, shard_size: str) -> 
     import transformers
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-    from common.dirs import replace_dir
-    from common.tiny_models import _save_model
+    from hyperdistill.common.dirs import replace_dir
+    from hyperdistill.common.tiny_models import _save_model
 
     key = {
         "config": config,
@@ -300,11 +307,11 @@ def run_mode(args) -> None:
 
     _datasets_or_stand_in(state)
 
-    from common.config import load_config
-    from common.tokenizer import load_tokenizer
-    from trainer.config import TrainerConfig
-    from trainer.distributed import close_distributed, init_distributed
-    from trainer.model import build_models
+    from hyperdistill.common.config import load_config
+    from hyperdistill.common.tokenizer import load_tokenizer
+    from hyperdistill.trainer.config import TrainerConfig
+    from hyperdistill.trainer.distributed import close_distributed, init_distributed
+    from hyperdistill.trainer.model import build_models
 
     fla_version = _version("fla-core") or _version("flash-linear-attention")
     if args.kernels == "fla":
@@ -432,7 +439,7 @@ def _run_one(args, cfg, dist, student, hyper, optimizer, calls, tokens: int, par
 
     import torch
 
-    from trainer.train import distill_loss
+    from hyperdistill.trainer.train import distill_loss
 
     cuda = dist.device.type == "cuda"
     run = {
@@ -562,7 +569,7 @@ def synthetic_inputs(tokens: int, prompt: int, top_k: int, device, seed: int):
     logprobs float32 [1, T-1, K], mask bool [1, T-1])."""
     import torch
 
-    from trainer.data.sampler import Batch
+    from hyperdistill.trainer.data.sampler import Batch
 
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, VOCAB_BPE, (1, tokens), generator=gen)

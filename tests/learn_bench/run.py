@@ -28,18 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.codec import TopK
-from common.config import load_config
-from common.log import setup_logging
+from hyperdistill.common.codec import TopK
+from hyperdistill.common.config import load_config
+from hyperdistill.common.log import setup_logging
+from hyperdistill.trainer.config import TrainerConfig
+from hyperdistill.trainer.data.sampler import collate, teacher_tensors
+from hyperdistill.trainer.eval import HeldOut, evaluate_arms, swap_partners
+from hyperdistill.trainer.hypernetwork import build_hyper_lora
+from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights
+from hyperdistill.trainer.train import build_optimizer, distill_loss, phase_lr
 from tests.learn_bench import task
 from tests.learn_bench.scored import ScoredSet, load_scored
 from tests.learn_bench.teachers import load_student
-from trainer.config import TrainerConfig
-from trainer.data.sampler import collate, teacher_tensors
-from trainer.eval import HeldOut, evaluate_arms, swap_partners
-from trainer.hypernetwork import build_hyper_lora
-from trainer.lora import GeneratedLoRA, LoRAWeights
-from trainer.train import build_optimizer, distill_loss, phase_lr
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common.codec import TopK
-from common.dirs import dir_lock
-from common.teacher_process import TeacherProcess
-from common.tiny_models import ensure_tiny_models
-from common.tokenizer import load_tokenizer
-from teacher_service.probe_client import ProbeClient
+from hyperdistill.common.codec import TopK
+from hyperdistill.common.dirs import dir_lock
+from hyperdistill.common.teacher_process import TeacherProcess
+from hyperdistill.common.tiny_models import ensure_tiny_models
+from hyperdistill.common.tokenizer import load_tokenizer
+from hyperdistill.teacher_service.probe_client import ProbeClient
+from hyperdistill.trainer.data.render import render_trajectory
 from tests.learn_bench import task
 from tests.learn_bench.teachers import MAX_LENGTH, TOP_K, Factors, cache_root, ensure_teachers
-from trainer.data.render import render_trajectory
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
     prepare   the gold set rendered and saved once per source, settings and tokenizer
     sampler   token-budget batches bucketed by length, sharded over ranks, resumable
     phase     one training phase's data: this rank's batches and the held-out split
-    __main__  `python -m trainer.data`: prepare ahead of training
+    __main__  `python -m hyperdistill.trainer.data`: prepare ahead of training
 
 `DataConfig` (``data:`` in the trainer config) is defined here.
 """

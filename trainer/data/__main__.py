@@ -1,6 +1,6 @@
 """Prepare the training data: render, tokenize and mask the trajectories once, to disk.
 
-    python -m trainer.data --tokenizer STUDENT_DIR [--source ...] [--out DIR]
+    python -m hyperdistill.trainer.data --tokenizer STUDENT_DIR [--source ...] [--out DIR]
 
 Without `--out` the examples go where the trainer looks for them
 (`<cache-dir>/<source>-<key>`, see `trainer.data.prepared_dir`).
@@ -12,10 +12,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from common.log import setup_logging
-from common.tokenizer import load_tokenizer
-from trainer.data import DataConfig
-from trainer.data.prepare import prepare, prepared_dir
+from hyperdistill.common.log import setup_logging
+from hyperdistill.common.tokenizer import load_tokenizer
+from hyperdistill.trainer.data import DataConfig
+from hyperdistill.trainer.data.prepare import prepare, prepared_dir
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import datasets
 
-from trainer.config import PhaseConfig, TrainerConfig
-from trainer.data.prepare import load_prepared
-from trainer.data.sampler import Batch, LengthBucketSampler, collate, iterate_batches
-from trainer.distributed import DistInfo
+from hyperdistill.trainer.config import PhaseConfig, TrainerConfig
+from hyperdistill.trainer.data.prepare import load_prepared
+from hyperdistill.trainer.data.sampler import Batch, LengthBucketSampler, collate, iterate_batches
+from hyperdistill.trainer.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
 

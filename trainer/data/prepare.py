@@ -35,11 +35,11 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from common.dirs import dir_lock, replace_dir
-from common.tokenizer import tokenizer_fingerprint
-from trainer.data import DataConfig
-from trainer.data.render import RENDERED_FEATURES, STATS_FEATURES, BatchRenderer, check_chat_template
-from trainer.data.rows import load_source, local_files
+from hyperdistill.common.dirs import dir_lock, replace_dir
+from hyperdistill.common.tokenizer import tokenizer_fingerprint
+from hyperdistill.trainer.data import DataConfig
+from hyperdistill.trainer.data.render import RENDERED_FEATURES, STATS_FEATURES, BatchRenderer, check_chat_template
+from hyperdistill.trainer.data.rows import load_source, local_files
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import datasets
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data.rows import (
+from hyperdistill.trainer.data.rows import (
     NO_ASSISTANT_TOKENS,
     PROMPT_TOO_LONG,
     RENDER_ERROR,

@@ -10,7 +10,7 @@ from typing import Any
 
 import datasets
 
-from trainer.data import DataConfig
+from hyperdistill.trainer.data import DataConfig
 
 log = logging.getLogger(__name__)
 

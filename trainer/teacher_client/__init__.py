@@ -8,8 +8,8 @@
 The public names are importable from here.
 """
 
-from trainer.teacher_client.client import TeacherClient
-from trainer.teacher_client.config import (
+from hyperdistill.trainer.teacher_client.client import TeacherClient
+from hyperdistill.trainer.teacher_client.config import (
     RETRYABLE_CODES,
     TeacherClientConfig,
     TeacherClientStats,
@@ -18,7 +18,7 @@ from trainer.teacher_client.config import (
     TeacherRequestError,
     TeacherUnavailableError,
 )
-from trainer.teacher_client.prefetch import Prefetcher
+from hyperdistill.trainer.teacher_client.prefetch import Prefetcher
 
 __all__ = [
     "RETRYABLE_CODES",

@@ -43,15 +43,15 @@ from dataclasses import replace
 import grpc
 import numpy as np
 
-from common.codec import TopK, pack_token_ids
-from common.security import channel_credentials, read_token
-from common.stubs import teacher_pb2 as pb
-from trainer.teacher_client.config import (
+from hyperdistill.common.codec import TopK, pack_token_ids
+from hyperdistill.common.security import channel_credentials, read_token
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.trainer.teacher_client.config import (
     TeacherClientConfig,
     TeacherClientStats,
 )
-from trainer.teacher_client.core import Job, Request, StreamCore
-from trainer.teacher_client.prefetch import B, Prefetcher
+from hyperdistill.trainer.teacher_client.core import Job, Request, StreamCore
+from hyperdistill.trainer.teacher_client.prefetch import B, Prefetcher
 
 logger = logging.getLogger(__name__)
 

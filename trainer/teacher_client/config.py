@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common.security import check_tls_config
+from hyperdistill.common.security import check_tls_config
 
 # Codes after which a stream's unanswered requests are resubmitted. A non-retryable code whose
 # message names none of the stream's requests is treated the same way (grpc reports some

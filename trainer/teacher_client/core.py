@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common.codec import TopK, TopKAssembler
-from common.stubs import teacher_pb2 as pb
-from common.stubs import teacher_pb2_grpc as pb_grpc
-from trainer.teacher_client.config import (
+from hyperdistill.common.codec import TopK, TopKAssembler
+from hyperdistill.common.stubs import teacher_pb2 as pb
+from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.trainer.teacher_client.config import (
     RETRYABLE_CODES,
     TeacherClientConfig,
     TeacherClientStats,

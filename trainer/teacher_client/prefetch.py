@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 
-from common.codec import TopK
+from hyperdistill.common.codec import TopK
 
 if TYPE_CHECKING:
-    from trainer.teacher_client.client import TeacherClient
+    from hyperdistill.trainer.teacher_client.client import TeacherClient
 
 
 B = TypeVar("B")
