@@ -44,8 +44,8 @@ class ProbeClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def info(self, timeout: float = 10.0) -> pb.TeacherInfo:
-        return await self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+    async def info(self, timeout: float = 10.0, wait_for_ready: bool = False) -> pb.TeacherInfo:
+        return await self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout, wait_for_ready=wait_for_ready)
 
     async def serving(self, timeout: float = 2.0) -> bool:
         """True when the server's overall health is SERVING."""
@@ -64,20 +64,40 @@ class ProbeClient:
                 raise TimeoutError(f"teacher at {self.address} not SERVING after {timeout:.0f} s")
             await asyncio.sleep(0.5)
 
-    async def score(self, sequences: Sequence[np.ndarray], top_k: int, timeout: float | None = None) -> list[TopK]:
-        """Score ``sequences`` (each int [T_i]) on one stream; returns TopK [T_i - 1, K] in order."""
-        ids = [f"seq-{i}" for i in range(len(sequences))]
+    async def score(
+        self,
+        sequences: Sequence[np.ndarray],
+        top_k: int,
+        timeout: float | None = None,
+        streams: int = 1,
+        chunks: list[list[pb.ScoreChunk]] | None = None,
+    ) -> list[TopK]:
+        """Score ``sequences`` (each int [T_i]); returns TopK [T_i - 1, K] in order.
+
+        The sequences are spread round robin over ``streams`` concurrent Score streams, every
+        request of a stream written at once. ``chunks``, when given (one list per sequence),
+        receives the ScoreChunk messages as they arrive (the benchmarks size and replay them).
+        """
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        results: list[TopK | None] = [None] * len(sequences)
+        shares = [list(range(s, len(sequences), streams)) for s in range(streams)]
+        await asyncio.gather(
+            *(self._one_stream(sequences, share, top_k, timeout, results, chunks) for share in shares if share)
+        )
+        return results
+
+    async def _one_stream(self, sequences, indices: list[int], top_k: int, timeout, results: list, chunks) -> None:
         requests = [
-            pb.ScoreRequest(request_id=rid, token_ids=pack_token_ids(seq), top_k=top_k)
-            for rid, seq in zip(ids, sequences, strict=True)
+            pb.ScoreRequest(request_id=f"seq-{i}", token_ids=pack_token_ids(sequences[i]), top_k=top_k) for i in indices
         ]
-        assemblers = {rid: TopKAssembler(len(seq) - 1, top_k) for rid, seq in zip(ids, sequences, strict=True)}
-        results: dict[str, TopK] = {}
-        call = self.stub.Score(iter(requests), timeout=timeout)
-        async for chunk in call:
+        assemblers = {f"seq-{i}": TopKAssembler(len(sequences[i]) - 1, top_k) for i in indices}
+        async for chunk in self.stub.Score(iter(requests), timeout=timeout):
             self.bytes_received += chunk.ByteSize()
+            index = int(chunk.request_id.removeprefix("seq-"))
+            if chunks is not None:
+                chunks[index].append(chunk)
             if assemblers[chunk.request_id].add(chunk):
-                results[chunk.request_id] = assemblers.pop(chunk.request_id).result()
+                results[index] = assemblers.pop(chunk.request_id).result()
         if assemblers:
             raise RuntimeError(f"stream ended without results for {sorted(assemblers)}")
-        return [results[rid] for rid in ids]

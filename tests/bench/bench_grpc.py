@@ -1,9 +1,9 @@
 """Our side of P1-P3: score sequences on the teacher service over S concurrent Score streams.
 
-``score_streams`` is the client our users run: sequences spread round robin over S streams,
-every request of a stream written at once, chunks assembled with ``TopKAssembler`` as they
-arrive. It keeps the received ``ScoreChunk`` messages, so their serialized sizes (P1) and the
-bytes themselves (P2's decode input, P4's replay server) are taken after the timed window.
+``score_streams`` runs `ProbeClient.score`: sequences spread round robin over S streams, every
+request of a stream written at once, chunks assembled with ``TopKAssembler`` as they arrive. It
+keeps the received ``ScoreChunk`` messages, so their serialized sizes (P1) and the bytes
+themselves (P2's decode input, P4's replay server) are taken after the timed window.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
-from hyperdistill.common.codec import TopK, TopKAssembler, pack_token_ids
+from hyperdistill.common.codec import TopK, TopKAssembler
 from hyperdistill.common.stubs import teacher_pb2 as pb
-from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.teacher_service.probe_client import ProbeClient
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's length-prefixed message framing: 1 flag byte + 4 length bytes per message.
 GRPC_FRAME_BYTES = 5
 
@@ -55,36 +53,13 @@ def score_streams(address: str, sequences: list[np.ndarray], top_k: int, streams
 
 
 async def _score_streams(address: str, sequences: list[np.ndarray], top_k: int, streams: int) -> Scored:
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        stub = pb_grpc.TeacherServiceStub(channel)
-        info = await stub.GetInfo(pb.GetInfoRequest(), timeout=60, wait_for_ready=True)
-        shares = [list(range(s, len(sequences), streams)) for s in range(streams)]
-        results: list[TopK | None] = [None] * len(sequences)
+    async with ProbeClient(address) as client:
+        info = await client.info(timeout=60, wait_for_ready=True)
         chunks: list[list[pb.ScoreChunk]] = [[] for _ in sequences]
         start = time.perf_counter()
-        await asyncio.gather(
-            *(_one_stream(stub, sequences, share, top_k, results, chunks) for share in shares if share)
-        )
+        results = await client.score(sequences, top_k, timeout=3600, streams=streams, chunks=chunks)
         seconds = time.perf_counter() - start
     return Scored(results=results, chunks=chunks, seconds=seconds, info=info)
-
-
-async def _one_stream(stub, sequences, indices: list[int], top_k: int, results: list, chunks: list) -> None:
-    requests = [
-        pb.ScoreRequest(request_id=str(i), token_ids=pack_token_ids(sequences[i]), top_k=top_k) for i in indices
-    ]
-    assemblers = {str(i): TopKAssembler(len(sequences[i]) - 1, top_k) for i in indices}
-    async for chunk in stub.Score(iter(requests), timeout=3600):
-        index = int(chunk.request_id)
-        chunks[index].append(chunk)
-        if assemblers[chunk.request_id].add(chunk):
-            results[index] = assemblers.pop(chunk.request_id).result()
-    if assemblers:
-        raise RuntimeError(f"stream ended without results for requests {sorted(assemblers)}")
 
 
 def decode_chunks(serialized: list[list[bytes]], top_k: int) -> list:
