@@ -81,6 +81,16 @@ def render_trajectory(
     }
 
 
+def render_prompt(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None = None
+) -> list[int]:
+    """The hypernetwork prompt's token ids of ``messages`` (system messages and the first user
+    message), rendered exactly as `render_trajectory` renders ``prompt_ids``."""
+    return list(
+        _apply_template(tokenizer, messages[: prompt_end(messages)], tools or None, with_mask=False)["input_ids"]
+    )
+
+
 def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     """Raise ValueError unless the chat template marks assistant turns for the loss mask.
 
