@@ -148,3 +148,35 @@ def test_export_from_a_training_checkpoint(tmp_path, tiny_models):
     assert json.loads((out / "config.json").read_text())["student"] == "Qwen/Qwen3-Coder-Next"
     loaded = load_hypernetwork(out, student_skeleton(tiny_models.student))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in hyper.state_dict().items())
+
+
+def test_generate_with_the_kv_cache_and_a_batch_of_prompts(exported, tiny_models):
+    """Each prompt's LoRA applies to its prompt and to every one-token decoding step: cached,
+    left-padded batched generation gives the tokens of a greedy loop over full forwards without a
+    cache, prompt by prompt; and the LoRA changes the answer."""
+    from hyperdistill.trainer.generate import generate
+
+    out, _ = exported
+    tokenizer = load_tokenizer(tiny_models.student)
+    ours = student(tiny_models.student)
+    hyper = load_hypernetwork(out, ours)
+    conversations = [
+        [{"role": "user", "content": "Write tests for the parser."}],
+        [{"role": "system", "content": "You review code."}, {"role": "user", "content": "Review this: x = 1 / 0"}],
+    ]
+    steps = 6
+    batched = generate(ours, tokenizer, conversations, hyper, max_new_tokens=steps)
+    assert [len(a) for a in batched] == [steps, steps]  # no early end of turn: every step is compared
+    plain = generate(ours, tokenizer, conversations, None, max_new_tokens=steps)
+    for messages, answer in zip(conversations, batched, strict=True):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        ids = torch.tensor([ids["input_ids"]])
+        lora = adapt.generate_lora(hyper, render_prompt(messages, tokenizer))
+        reference = []
+        with torch.no_grad(), hyper_lora(ours, lora, seq_len=None):
+            for _ in range(len(answer)):
+                token = int(ours(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+                reference.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        assert answer == reference
+    assert batched != plain

@@ -49,7 +49,7 @@ def generate_lora(adapter: Adapter, prompt_ids: list[int]) -> GeneratedLoRA:
             len(prompt_ids),
             cap,
         )
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=next(adapter.parameters()).device)
     return adapter(ids, torch.ones_like(ids, dtype=torch.bool))
 
 

@@ -61,7 +61,8 @@ class _Active:
     A: torch.Tensor
     B: torch.Tensor
     scale: float
-    seq_len: int
+    seq_len: int | None
+    """T of every input, checked; None: any T (KV-cache decoding feeds the prompt, then 1 token a step)."""
 
 
 class LoRALinear(nn.Linear):
@@ -84,8 +85,10 @@ class LoRALinear(nn.Linear):
 
     def _delta(self, x: torch.Tensor, lora: _Active) -> torch.Tensor:
         """``scale * (x @ A_b^T) @ B_b^T`` per sample; x viewed as [B, T, in]."""
-        batch, seq_len = lora.A.shape[0], lora.seq_len
-        lead = tuple(x.shape[:-1])
+        batch, lead = lora.A.shape[0], tuple(x.shape[:-1])
+        seq_len = lora.seq_len
+        if seq_len is None:  # infer T: x is [B, T, in] or [B*T, in]
+            seq_len = lead[-1] if len(lead) == 2 else (lead[0] // batch if lead and lead[0] % batch == 0 else -1)
         if lead not in ((batch, seq_len), (batch * seq_len,)):
             raise ValueError(
                 f"LoRA on {self.target_name}: input leading dims {list(lead)} fit neither "
@@ -126,8 +129,9 @@ _ACTIVE: list[dict[LoRALinear, _Active]] = []
 
 
 @contextlib.contextmanager
-def hyper_lora(model: nn.Module, lora: GeneratedLoRA, *, seq_len: int) -> Iterator[None]:
-    """Apply `lora` to the wrapped targets of `model` for inputs of B = lora.batch_size rows of T = seq_len.
+def hyper_lora(model: nn.Module, lora: GeneratedLoRA, *, seq_len: int | None) -> Iterator[None]:
+    """Apply `lora` to the wrapped targets of `model` for inputs of B = lora.batch_size rows of T = seq_len
+    tokens (None: of any length, e.g. `generate` with a KV cache: the prompt, then one token a step).
 
     Every wrapped module must have factors in `lora` and vice versa; shapes are checked
     against the modules (errors name the target). Contexts do not nest on one module.
@@ -144,7 +148,7 @@ def hyper_lora(model: nn.Module, lora: GeneratedLoRA, *, seq_len: int) -> Iterat
         _set(dict.fromkeys(plan))
 
 
-def _plan(model: nn.Module, lora: GeneratedLoRA, seq_len: int) -> dict[LoRALinear, _Active]:
+def _plan(model: nn.Module, lora: GeneratedLoRA, seq_len: int | None) -> dict[LoRALinear, _Active]:
     """Match generated factors to wrapped modules and validate every shape."""
     modules = wrapped_modules(model)
     unknown = sorted(set(lora.weights) - set(modules))
@@ -153,7 +157,7 @@ def _plan(model: nn.Module, lora: GeneratedLoRA, seq_len: int) -> dict[LoRALinea
     missing = sorted(set(modules) - set(lora.weights))
     if missing:
         raise KeyError(f"wrapped targets without a generated LoRA: {', '.join(missing)}")
-    if seq_len < 1:
+    if seq_len is not None and seq_len < 1:
         raise ValueError(f"hyper_lora: seq_len must be >= 1, got {seq_len}")
     batch = lora.batch_size
     for name, w in lora.weights.items():
