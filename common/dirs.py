@@ -6,6 +6,7 @@ ask for at once.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,3 +30,13 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(stale)
     else:
         new.rename(target)
+
+
+def default_permissions(root: Path) -> None:
+    """Give ``root`` and everything in it the permissions a plain ``mkdir`` and ``open`` would
+    (0777 / 0666 less the umask): ``tempfile.mkdtemp`` makes 0700, which another user, such as a
+    serving process, cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

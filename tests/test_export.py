@@ -102,6 +102,7 @@ def test_peft_loads_the_adapter_with_our_logits(exported, tiny_models, tmp_path)
     adapter_dir = tmp_path / "adapter"
     adapt.main(["--hypernetwork", str(out), "--student", str(tiny_models.student), "--prompt-file",
                 str(prompt_file), "--out", str(adapter_dir)])  # fmt: skip
+    assert adapter_dir.stat().st_mode & 0o055 == 0o055  # readable by a serving process of another user
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16.0 and set(config["target_modules"]) == set(TARGETS)
 
@@ -180,3 +181,15 @@ def test_generate_with_the_kv_cache_and_a_batch_of_prompts(exported, tiny_models
                 ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         assert answer == reference
     assert batched != plain
+
+
+def test_a_prompt_over_the_encoder_cap_is_said_to_be_cut_to_its_end(exported, tiny_models, caplog):
+    out, _ = exported
+    hyper = load_hypernetwork(out, student_skeleton(tiny_models.student))
+    cap = hyper.config.max_prompt_tokens
+    long_prompt = list(range(100, 100 + cap + 7))
+    with caplog.at_level("WARNING", logger="hyperdistill.trainer.adapt"):
+        cut = adapt.generate_lora(hyper, long_prompt)
+    assert f"the prompt is {cap + 7} tokens; the encoder reads its last {cap}" in caplog.text
+    kept = adapt.generate_lora(hyper, long_prompt[-cap:])  # the same LoRA as the prompt's last `cap` tokens
+    assert all(torch.equal(cut.weights[n].A, kept.weights[n].A) for n in cut.weights)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hyperdistill.common.dirs import replace_dir
+from hyperdistill.common.dirs import default_permissions, replace_dir
 from hyperdistill.common.log import setup_logging
 from hyperdistill.common.tokenizer import load_tokenizer
 from hyperdistill.trainer.data.render import render_prompt
@@ -87,6 +87,7 @@ def save_adapter(lora: GeneratedLoRA, config: dict, out: str | Path, *, overwrit
     try:
         (work / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(work / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        default_permissions(work)
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hyperdistill.common.config import config_from_dict, config_to_dict
-from hyperdistill.common.dirs import replace_dir
+from hyperdistill.common.dirs import default_permissions, replace_dir
 from hyperdistill.common.log import setup_logging
 from hyperdistill.trainer.checkpoint import checkpoint_path, load_weights
 from hyperdistill.trainer.hypernetwork import Adapter, HyperLoRAConfig, Target, build_hyper_lora, find_targets
@@ -61,6 +61,7 @@ def save_hypernetwork(adapter: Adapter, student: str, out: str | Path, *, overwr
         }
         (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.detach().contiguous() for k, v in adapter.state_dict().items()}, str(work / WEIGHTS_FILE))
+        default_permissions(work)
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
