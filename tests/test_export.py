@@ -22,7 +22,7 @@ from hyperdistill.trainer.export import (
     student_skeleton,
 )
 from hyperdistill.trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
-from hyperdistill.trainer.lora import hyper_lora
+from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora
 
 TARGETS = ["linear_attn.in_proj_qkvz", "linear_attn.out_proj", "self_attn.q_proj", "self_attn.o_proj"]
 
@@ -193,3 +193,37 @@ def test_a_prompt_over_the_encoder_cap_is_said_to_be_cut_to_its_end(exported, ti
     assert f"the prompt is {cap + 7} tokens; the encoder reads its last {cap}" in caplog.text
     kept = adapt.generate_lora(hyper, long_prompt[-cap:])  # the same LoRA as the prompt's last `cap` tokens
     assert all(torch.equal(cut.weights[n].A, kept.weights[n].A) for n in cut.weights)
+
+
+def test_an_adapter_of_some_module_types_is_the_lora_without_the_others(exported, tiny_models, tmp_path):
+    """--modules: the subset a server supports; peft then gives our logits with the other targets' LoRA off."""
+    from peft import PeftModel
+
+    out, _ = exported
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Review this code.")
+    args = ["--hypernetwork", str(out), "--student", str(tiny_models.student), "--prompt-file", str(prompt_file)]
+    adapt.main([*args, "--out", str(tmp_path / "sub"), "--modules", "self_attn.o_proj", "linear_attn.out_proj"])
+    config = json.loads((tmp_path / "sub" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["linear_attn.out_proj", "self_attn.o_proj"]
+    with pytest.raises(SystemExit):
+        adapt.main([*args, "--out", str(tmp_path / "bad"), "--modules", "mlp.gate_proj"])
+    assert not (tmp_path / "bad").exists()
+
+    tokenizer = load_tokenizer(tiny_models.student)
+    prompt_ids = render_prompt([{"role": "user", "content": "Review this code."}], tokenizer)
+    ids = torch.tensor([prompt_ids + tokenizer.encode("Looks fine.")])
+    ours = student(tiny_models.student)
+    full = adapt.generate_lora(load_hypernetwork(out, ours), prompt_ids)
+    kept = ("self_attn.o_proj", "linear_attn.out_proj")
+    weights = {
+        n: w if w.kind in kept else LoRAWeights(w.A, torch.zeros_like(w.B), w.kind) for n, w in full.weights.items()
+    }
+    lora = GeneratedLoRA(weights, full.scale)
+    with torch.no_grad(), hyper_lora(ours, lora, seq_len=ids.shape[1]):
+        want = ours(input_ids=ids).logits
+    with torch.no_grad():
+        got = (
+            PeftModel.from_pretrained(student(tiny_models.student), str(tmp_path / "sub")).eval()(input_ids=ids).logits
+        )
+    assert (got - want).abs().max() <= 1e-5

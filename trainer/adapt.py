@@ -53,8 +53,9 @@ def generate_lora(adapter: Adapter, prompt_ids: list[int]) -> GeneratedLoRA:
     return adapter(ids, torch.ones_like(ids, dtype=torch.bool))
 
 
-def peft_config(adapter: Adapter, base_model: str) -> dict:
-    """``adapter_config.json`` of a PEFT LoRA with the hypernetwork's rank, alpha and targets."""
+def peft_config(adapter: Adapter, base_model: str, modules: list[str] | None = None) -> dict:
+    """``adapter_config.json`` of a PEFT LoRA with the hypernetwork's rank, alpha and targets (or
+    the module types ``modules`` of them)."""
     config = adapter.config
     return {
         "peft_type": "LORA",
@@ -66,9 +67,19 @@ def peft_config(adapter: Adapter, base_model: str) -> dict:
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
-        "target_modules": sorted({t.kind for t in adapter.targets}),
+        "target_modules": sorted(modules or {t.kind for t in adapter.targets}),
         "inference_mode": True,
     }
+
+
+def only_modules(lora: GeneratedLoRA, modules: list[str]) -> GeneratedLoRA:
+    """``lora`` on the targets of the module types ``modules`` only (e.g. those a server supports)."""
+    kinds = {w.kind for w in lora.weights.values()}
+    if unknown := sorted(set(modules) - kinds):
+        raise ValueError(
+            f"--modules {', '.join(unknown)}: not targets of this hypernetwork ({', '.join(sorted(kinds))})"
+        )
+    return GeneratedLoRA({n: w for n, w in lora.weights.items() if w.kind in modules}, lora.scale)
 
 
 def save_adapter(lora: GeneratedLoRA, config: dict, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -135,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chat-template", help="a Jinja file replacing the tokenizer's chat template")
     parser.add_argument("--out", required=True, type=Path, help="the adapter directory (with --prompts: their parent)")
     parser.add_argument("--base-model", help="base_model_name_or_path in adapter_config.json (default: --student)")
+    parser.add_argument(
+        "--modules",
+        nargs="+",
+        help="write only these module types of the hypernetwork's targets (e.g. the ones a server supports)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace adapter directories that exist")
     args = parser.parse_args(argv)
     setup_logging()
@@ -145,9 +161,10 @@ def main(argv: list[str] | None = None) -> None:
             raise FileExistsError(f"{', '.join(existing[:3])} exist(s); pass --overwrite to replace")
         tokenizer = load_tokenizer(args.student, args.chat_template)
         adapter = load_hypernetwork(args.hypernetwork, student_skeleton(args.student))
-        config = peft_config(adapter, args.base_model or args.student)
+        config = peft_config(adapter, args.base_model or args.student, args.modules)
         for out, messages in jobs:
             lora = generate_lora(adapter, render_prompt(messages, tokenizer))
+            lora = only_modules(lora, args.modules) if args.modules else lora
             save_adapter(lora, config, out, overwrite=args.overwrite)
             logger.info("adapter written to %s", out)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
