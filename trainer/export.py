@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -34,6 +33,7 @@ from hyperdistill.common.dirs import default_permissions, replace_dir
 from hyperdistill.common.log import setup_logging
 from hyperdistill.trainer.checkpoint import checkpoint_path, load_weights
 from hyperdistill.trainer.hypernetwork import Adapter, HyperLoRAConfig, Target, build_hyper_lora, find_targets
+from hyperdistill.trainer.model import read_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -121,21 +121,11 @@ def student_skeleton(path: str | Path) -> nn.Module:
     with torch.device("meta"):
         student = AutoModelForCausalLM.from_config(config)
     embed = student.get_input_embeddings()
-    weight = _read_tensor(Path(path), EMBEDDING).to(torch.float32)
+    weight = read_tensor(Path(path), EMBEDDING).to(torch.float32)
     if tuple(weight.shape) != tuple(embed.weight.shape):
         raise ValueError(f"{path}: {EMBEDDING} is {list(weight.shape)}, the config says {list(embed.weight.shape)}")
     student.set_input_embeddings(nn.Embedding.from_pretrained(weight, freeze=True))
     return student.requires_grad_(False)
-
-
-def _read_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of a safetensors checkpoint (single file, or sharded with an index)."""
-    index = path / "model.safetensors.index.json"
-    file = path / (json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors")
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no {file.name} holding {name}")
-    with safe_open(str(file), framework="pt") as f:
-        return f.get_tensor(name)
 
 
 def _target_dict(target: Target) -> dict:

@@ -133,6 +133,14 @@ def load_sharded_weights(student: nn.Module, path: Path) -> None:
     logger.info("student weights loaded from %s (%d files, local shards only)", path, len(set(files.values())))
 
 
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One whole tensor of the safetensors checkpoint in ``path`` (single file or sharded with an index)."""
+    files = _checkpoint_files(path)
+    if name not in files:
+        raise KeyError(f"{path}: no tensor {name}")
+    return _slice(files[name], name)
+
+
 def _checkpoint_files(path: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file."""
     index = path / "model.safetensors.index.json"
