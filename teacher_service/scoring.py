@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 MAX_REQUEST_ID_CHARS = 256
 # Room for the request id and protobuf framing on top of the packed token ids.
 REQUEST_OVERHEAD_BYTES = 1024
+# How the server ends a stream still open once it has drained (see `Admission.close_streams`).
+STREAM_DRAINED = (
+    "server is draining; every request admitted on this stream was answered, "
+    "the unanswered ones were not admitted: retry them elsewhere"
+)
 # Room for a chunk's scalar fields and request id on top of the packed arrays.
 CHUNK_OVERHEAD_BYTES = 512
 
@@ -117,6 +122,7 @@ class Admission:
         self.positions = 0
         self.requests = 0
         self.draining = False
+        self.streams: set[StreamScorer] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -145,6 +151,13 @@ class Admission:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
+    def close_streams(self) -> None:
+        """Once draining with nothing in flight: end every open stream with UNAVAILABLE now,
+        rather than leave the server's stop to cut them (the client would then not know which
+        of its unanswered requests the server had admitted)."""
+        for stream in list(self.streams):
+            stream.close(Draining(STREAM_DRAINED))
+
 
 class StreamScorer:
     """Scores the requests of one Score stream concurrently and yields their chunks.
@@ -164,6 +177,7 @@ class StreamScorer:
 
     async def run(self, requests: AsyncIterator[pb.ScoreRequest]) -> AsyncIterator[pb.ScoreChunk]:
         self._reader = asyncio.create_task(self._read(requests))
+        self._admission.streams.add(self)
         try:
             while not self._reader.done() or self._tasks or not self._out.empty():
                 item = await self._out.get()
@@ -172,11 +186,21 @@ class StreamScorer:
             if self._error is not None:
                 raise self._error
         finally:
+            self._admission.streams.discard(self)
             # Deadline or client cancel: abort every request still in the engine.
             self._reader.cancel()
             for task in self._tasks.values():
                 task.cancel()
             await asyncio.gather(self._reader, *self._tasks.values(), return_exceptions=True)
+
+    def close(self, error: RequestError) -> None:
+        """Stop reading; the stream ends with ``error`` (a stream's status, not a request's: not
+        counted in the request metrics) once what it admitted is sent."""
+        if self._error is None:
+            self._error = error
+        if self._reader is not None:
+            self._reader.cancel()
+        self._out.put_nowait(_WAKE)
 
     def _fail(self, error: RequestError) -> None:
         if self._error is None:

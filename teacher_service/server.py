@@ -147,4 +147,6 @@ async def _drain(config: TeacherConfig, admission: Admission, health_servicer, s
         await asyncio.wait_for(admission.wait_idle(), timeout=grace)
     except TimeoutError:
         logger.warning("grace period over with %d requests in flight; cancelling them", admission.requests)
+    else:
+        admission.close_streams()
     await server.stop(grace=1.0)

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hyperdistill.common.codec import pack_token_ids
 from hyperdistill.common.stubs import teacher_pb2 as pb
 from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
+from hyperdistill.teacher_service.scoring import STREAM_DRAINED
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
@@ -83,7 +84,7 @@ async def _stream(stub, requests: list, window: int, latencies: list[float], sta
         await call.done_writing()
 
     task = asyncio.create_task(writer())
-    refused = None
+    refused, details = None, ""
     try:
         async for chunk in call:
             if chunk.last:
@@ -100,6 +101,8 @@ async def _stream(stub, requests: list, window: int, latencies: list[float], sta
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    if refused is None and STREAM_DRAINED in details:
+        return 0  # ended by a drained server, which had answered everything it admitted
     admitted = written[: written.index(refused)] if refused in written else written
     return len(set(admitted) - answered)
 
