@@ -58,7 +58,7 @@ from hyperdistill.trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
 from hyperdistill.trainer.lora import GeneratedLoRA, hyper_lora
 from hyperdistill.trainer.loss import topk_kl_per_position
 from hyperdistill.trainer.model import build_models, shard_adapter
-from hyperdistill.trainer.teacher_client import TeacherClient
+from hyperdistill.trainer.teacher_client import CachedTeacher, TeacherClient, connect_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def evaluate_held_out(
     data: PhaseData,
     student: nn.Module,
     adapters: Mapping[str, nn.Module],
-    teacher: TeacherClient,
+    teacher: TeacherClient | CachedTeacher,
     device: torch.device,
 ) -> EvalReport:
     """Every arm over ``data``'s held-out examples, their top-K prefetched from ``teacher``; collective."""
@@ -419,7 +419,7 @@ def evaluate_checkpoint(config: TrainerConfig, path: Path, state: dict, out_dir:
         load_weights(path, hyper)
         adapters = eval_adapters(config, student, hyper, dist.device)
         data = load_phase_data(config, config.phases[state["phase_index"]], tokenizer, dist)
-        with TeacherClient(config.teacher) as teacher:
+        with connect_teacher(config.teacher) as teacher:
             teacher.start(student.config.vocab_size, tokenizer_fingerprint(tokenizer))
             report = evaluate_held_out(config, data, student, adapters, teacher, dist.device)
         publish(report, state["step"], out_dir, dist.rank)

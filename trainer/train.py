@@ -36,7 +36,7 @@ from hyperdistill.trainer.hypernetwork import Adapter, HyperLoRA
 from hyperdistill.trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
 from hyperdistill.trainer.loss import topk_kl_loss
 from hyperdistill.trainer.model import build_models
-from hyperdistill.trainer.teacher_client import TeacherClient, TeacherClientStats
+from hyperdistill.trainer.teacher_client import CachedTeacher, TeacherClient, TeacherClientStats, connect_teacher
 from hyperdistill.trainer.tracking import RunLog
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Trainer:
     hyper: Adapter
     """The trained adapter: the hypernetwork, or the static LoRA (``hypernetwork.kind``)."""
     optimizer: torch.optim.AdamW
-    teacher: TeacherClient | None
+    teacher: TeacherClient | CachedTeacher | None
     checkpointer: Checkpointer
     run_log: RunLog | None
     adapters: dict[str, torch.nn.Module]
@@ -116,7 +116,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.student.path, cfg.student.chat_template)
         self.student, self.hyper = build_models(cfg, self.dist, self.tokenizer)
         self.optimizer = build_optimizer(self.hyper, cfg.optim, cfg.phases[0].lr)
-        self.teacher = TeacherClient(cfg.teacher)
+        self.teacher = connect_teacher(cfg.teacher)
         self.teacher.start(self.student.config.vocab_size, tokenizer_fingerprint(self.tokenizer))
         self.checkpointer = Checkpointer(cfg.checkpoint, self.dist.rank)
         self.run_log = RunLog(cfg, self.dist.rank)

@@ -4,10 +4,12 @@
     client    TeacherClient: the blocking API (caller thread) over its event-loop thread
     core      StreamCore: the loop thread (channels, streams, deadlines, retries) and its records
     prefetch  Prefetcher: the next batches kept submitted while the current one trains
+    cached    CachedTeacher: the top-K cache in front of the client; connect_teacher picks one
 
 The public names are importable from here.
 """
 
+from hyperdistill.trainer.teacher_client.cached import CachedTeacher, connect_teacher
 from hyperdistill.trainer.teacher_client.client import TeacherClient
 from hyperdistill.trainer.teacher_client.config import (
     RETRYABLE_CODES,
@@ -22,6 +24,7 @@ from hyperdistill.trainer.teacher_client.prefetch import Prefetcher
 
 __all__ = [
     "RETRYABLE_CODES",
+    "CachedTeacher",
     "Prefetcher",
     "TeacherClient",
     "TeacherClientConfig",
@@ -30,4 +33,5 @@ __all__ = [
     "TeacherMismatchError",
     "TeacherRequestError",
     "TeacherUnavailableError",
+    "connect_teacher",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from hyperdistill.common.security import check_tls_config
+from hyperdistill.trainer.teacher_cache import CacheConfig
 
 # Codes after which a stream's unanswered requests are resubmitted. A non-retryable code whose
 # message names none of the stream's requests is treated the same way (grpc reports some
@@ -42,7 +43,10 @@ class TeacherClientConfig:
     """Where the teachers are, what to ask them, and how long to wait and retry."""
 
     addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50051"])
-    """Teacher gRPC addresses (``host:port``); requests are spread over them round robin."""
+    """Teacher gRPC addresses (``host:port``); requests are spread over them round robin. Empty:
+    no live teacher, every sequence must be in ``cache`` (training on all 8 GPUs after precompute)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The teacher top-K cache (``trainer.teacher_cache``): read before asking a teacher."""
     top_k: int = 20
     """K of the top-K log-probs asked for; must not exceed any teacher's ``max_top_k``."""
     prefetch_batches: int = 2
@@ -82,8 +86,12 @@ class TeacherClientConfig:
 
     def __post_init__(self) -> None:
         check_tls_config(self, switch="tls_ca_file", dependents=("tls_cert_file", "tls_server_name", "auth_token_env"))
-        if not self.addresses or not all(isinstance(a, str) and a for a in self.addresses):
-            raise ValueError(f"addresses must be a non-empty list of host:port strings, got {self.addresses!r}")
+        if not all(isinstance(a, str) and a for a in self.addresses):
+            raise ValueError(f"addresses must be a list of host:port strings, got {self.addresses!r}")
+        if not self.addresses and not (self.cache.dir and self.cache.teacher_model):
+            raise ValueError(
+                "addresses is empty: set cache.dir and cache.teacher_model to train from a precomputed cache alone"
+            )
         if self.top_k < 1 or self.prefetch_batches < 0:
             raise ValueError(f"top_k must be >= 1 and prefetch_batches >= 0, got {self.top_k}, {self.prefetch_batches}")
         for name in (
