@@ -3,6 +3,8 @@
 - ``deploy/cluster.yaml`` agrees with the production configs, and compose's GPU reservations,
   torchrun ranks and health checks and Prometheus' targets agree with it, in the raw YAML and in
   what ``docker compose config`` renders (which also validates the file against the compose schema);
+  so do the teacher-cache phase's services (precompute without GPUs, trainer-all on all 8 GPUs from
+  the cache alone), and services that share a GPU never share a compose profile;
 - ``promtool`` accepts the Prometheus config and rules, and every alert fires when it should and
   not otherwise (``promtool test rules``);
 - the dashboards are valid and provisioned, every panel has a datasource and queries that parse;
@@ -33,7 +35,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.parser import text_string_to_metric_families
 
-from hyperdistill.common.cluster import TEACHER, TRAINER, check_compose, check_prometheus, load_deployment, main
+from hyperdistill.common.cluster import (
+    PRECOMPUTE,
+    TEACHER,
+    TRAINER,
+    TRAINER_ALL,
+    check_compose,
+    check_prometheus,
+    load_deployment,
+    main,
+)
 from hyperdistill.common.config import ConfigError
 from hyperdistill.common.teacher_process import free_port
 from tests.conftest import ROOT
@@ -72,7 +83,13 @@ def rendered_compose():
     compose = _tool((["docker", "compose"], "version"), (["docker-compose"], "version"))
     env = {**os.environ, **_env_example(), "GRAFANA_ADMIN_PASSWORD": "not-a-secret"}
     env.pop("BIND_ADDRESS", None)  # the default binding is what is checked
-    result = subprocess.run([*compose, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True, env=env)
+    env.pop("COMPOSE_PROFILES", None)
+    # Every profile on: `config` leaves out the services of inactive ones.
+    profiles = sorted({p for service in _raw_compose()["services"].values() for p in service.get("profiles", [])})
+    flags = [word for profile in profiles for word in ("--profile", profile)]
+    result = subprocess.run(
+        [*compose, "-f", str(COMPOSE_FILE), *flags, "config"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -119,7 +136,9 @@ def test_layout_refuses_overlap_and_count_mismatch(tmp_path, teacher_gpus, train
 def test_cli_checks_and_shows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["cluster", "check"])
     main()
-    assert capsys.readouterr().out.startswith("ok: teacher GPUs 0,1,2,3 (TP=4), trainer GPUs 4,5,6,7 (torchrun x4)")
+    out = capsys.readouterr().out
+    assert out.startswith("ok: teacher GPUs 0,1,2,3 (TP=4), trainer GPUs 4,5,6,7 (torchrun x4)")
+    assert "then trainer-all GPUs 0,1,2,3,4,5,6,7 (torchrun x8" in out
     monkeypatch.setattr(sys, "argv", ["cluster", "show"])
     main()
     assert "TRAINER_NPROC_PER_NODE=4\n" in capsys.readouterr().out
@@ -138,7 +157,7 @@ def test_compose_validates_and_equals_the_layout(deployment, rendered_compose):
     assert check_compose(deployment, rendered_compose) == []
     assert check_compose(deployment, _raw_compose()) == []
     services = rendered_compose["services"]
-    assert set(services) == {TEACHER, TRAINER, "prometheus", "grafana"}
+    assert set(services) == {TEACHER, TRAINER, PRECOMPUTE, TRAINER_ALL, "prometheus", "grafana"}
     for name, service in services.items():
         for port in service.get("ports", []):
             published = port if isinstance(port, str) else f"{port['host_ip']}:{port['published']}"
@@ -157,6 +176,199 @@ def test_compose_check_names_a_wrong_gpu_split(deployment):
     problems = check_compose(deployment, compose)
     assert any("trainer reserves GPUs [3, 4, 5, 6]" in p for p in problems), problems
     assert any("--nproc_per_node 4" in p for p in problems), problems
+
+
+# ---- the teacher-cache phase: precompute, then trainer-all on every GPU -------------------------
+def test_cache_phase_layout(deployment):
+    teacher = yaml.safe_load((DEPLOY / "configs/teacher.h200.yaml").read_text())
+    trainer = yaml.safe_load((DEPLOY / "configs/trainer.h200.yaml").read_text())
+    layout = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
+    assert deployment.cache_trainer_gpus == tuple(range(layout["gpus_per_node"])), "trainer-all gets every GPU"
+    assert deployment.cache_dir == layout["cache"]["dir"]
+    assert deployment.teacher_model == teacher["engine"]["model"]
+    assert deployment.cache_trainer_metrics_ports == tuple(trainer["metrics"]["port"] + r for r in range(8))
+    assert deployment.precompute_metrics_port not in (
+        *deployment.trainer_metrics_ports,
+        *deployment.cache_trainer_metrics_ports,
+        deployment.teacher_metrics_port,
+        deployment.teacher_grpc_port,
+    )
+
+
+def test_cache_phase_services_in_compose(rendered_compose):
+    """The values a drift would change, spelled out: trainer-all on GPUs 0-7 with 8 ranks from the cache
+    alone, precompute on no GPU, and the GPU services' profiles."""
+    for compose in (rendered_compose, _raw_compose()):
+        services = compose["services"]
+        full, precompute = services[TRAINER_ALL], services[PRECOMPUTE]
+        devices = full["deploy"]["resources"]["reservations"]["devices"]
+        assert [d["device_ids"] for d in devices] == [[str(g) for g in range(8)]]
+        command = full["command"]
+        assert command[command.index("--nproc_per_node") + 1] == "8"
+        assert {"teacher.addresses=[]", "teacher.cache.dir=/cache/teacher-topk"} <= set(command)
+        assert "deploy" not in precompute, "precompute needs no GPU"
+        assert "--metrics-port" in precompute["command"]
+        profiles = {name: set(services[name].get("profiles", [])) for name in (TEACHER, TRAINER, PRECOMPUTE)}
+        assert set(full["profiles"]) == {"cache"} and not set(full["profiles"]) & profiles[TEACHER]
+        assert profiles == {TEACHER: {"live", "precompute"}, TRAINER: {"live"}, PRECOMPUTE: {"precompute"}}
+        assert TEACHER not in (full.get("depends_on") or {})
+
+
+def _command_set(service: dict, old: str, new: str) -> None:
+    command = service["command"]
+    command[command.index(old)] = new
+
+
+def _drift_trainer_all_gpus(services):
+    services[TRAINER_ALL]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] = list("0123456")
+
+
+def _drift_in_profile_of_teacher(services):
+    services[TRAINER_ALL]["profiles"] = ["cache", "live"]
+
+
+def _drift_no_profile(services):
+    del services[TRAINER_ALL]["profiles"]
+
+
+def _drift_depends_on_teacher(services):
+    services[TRAINER_ALL]["depends_on"] = {TEACHER: {"condition": "service_healthy"}}
+
+
+def _drift_precompute_gpus(services):
+    services[PRECOMPUTE]["deploy"] = services[TEACHER]["deploy"]
+
+
+def _drift_precompute_without_teacher(services):
+    del services[PRECOMPUTE]["depends_on"]
+
+
+@pytest.mark.parametrize(
+    "drift, message",
+    [
+        (_drift_trainer_all_gpus, "trainer-all reserves GPUs [0, 1, 2, 3, 4, 5, 6], the layout gives it [0, 1,"),
+        (
+            lambda s: _command_set(s[TRAINER_ALL], "8", "4"),
+            "trainer-all must run torchrun --nproc_per_node 8",
+        ),
+        (
+            lambda s: _command_set(
+                s[TRAINER_ALL],
+                "teacher.cache.teacher_model=Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8",
+                "teacher.cache.teacher_model=Qwen/Qwen3-Coder-480B-A35B-Instruct",
+            ),
+            "trainer-all's teacher.cache.teacher_model is 'Qwen/Qwen3-Coder-480B-A35B-Instruct', the teacher "
+            "config's engine.model is 'Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8'",
+        ),
+        (
+            lambda s: _command_set(s[TRAINER_ALL], "teacher.addresses=[]", "teacher.addresses=[teacher:50051]"),
+            "trainer-all must train from the cache alone (teacher.addresses=[])",
+        ),
+        (
+            lambda s: _command_set(s[TRAINER_ALL], "teacher.cache.dir=/cache/teacher-topk", "teacher.cache.dir=/x"),
+            "trainer-all reads teacher.cache.dir=/x, the layout's is /cache/teacher-topk",
+        ),
+        (
+            lambda s: _command_set(s[PRECOMPUTE], "teacher.cache.dir=/cache/teacher-topk", "teacher.cache.dir=/x"),
+            "precompute fills teacher.cache.dir=/x",
+        ),
+        (
+            lambda s: s[TRAINER_ALL]["command"].append("teacher.top_k=16"),
+            "precompute and trainer-all differ in teacher.top_k (20 vs 16)",
+        ),
+        (
+            lambda s: s[TRAINER_ALL]["command"].append("data.max_length=8192"),
+            "precompute and trainer-all differ in data",
+        ),
+        (
+            lambda s: _command_set(
+                s[TRAINER_ALL],
+                "checkpoint.dir=/checkpoints/hyperdistill-cache",
+                "checkpoint.dir=/checkpoints/hyperdistill",
+            ),
+            "trainer-all must not share checkpoint.dir /checkpoints/hyperdistill with the trainer",
+        ),
+        (
+            lambda s: _command_set(s[TRAINER_ALL], "optim.accumulation_steps=4", "optim.accumulation_steps=8"),
+            "trainer-all's global batch (optim.accumulation_steps 8 x 8 ranks) differs from the trainer's (8 x 4)",
+        ),
+        (
+            lambda s: s[TRAINER_ALL]["command"].append("metrics.port=9501"),
+            "trainer-all's ranks serve /metrics on [9501,",
+        ),
+        (
+            lambda s: s[TRAINER_ALL]["healthcheck"]["test"].__setitem__(-1, "range(9401, 9405)"),
+            "trainer-all's health check must scrape every rank, range(9401, 9409)",
+        ),
+        (
+            _drift_in_profile_of_teacher,
+            "teacher and trainer-all both reserve GPUs [0, 1, 2, 3] and share the profile(s) ['live']",
+        ),
+        (_drift_no_profile, "trainer-all has no profile, so it starts with every profile"),
+        (_drift_depends_on_teacher, "teacher and trainer-all both reserve GPUs [0, 1, 2, 3] but one depends on"),
+        (_drift_precompute_gpus, "precompute reserves GPUs [0, 1, 2, 3]: it needs none"),
+        (
+            lambda s: _command_set(s[PRECOMPUTE], "9409", "9410"),
+            "precompute must serve --metrics-port 9409",
+        ),
+        (_drift_precompute_without_teacher, "precompute must depend on the teacher with condition service_healthy"),
+        (
+            lambda s: s[TEACHER].__setitem__("profiles", ["live"]),
+            "precompute (profiles ['precompute']) depends on teacher, which is not in every one of them",
+        ),
+        (lambda s: s.pop(TRAINER_ALL), "compose: no service 'trainer-all'"),
+    ],
+)
+def test_compose_check_names_a_drifted_cache_phase(deployment, drift, message):
+    compose = _raw_compose()
+    assert check_compose(deployment, compose) == []
+    drift(compose["services"])
+    problems = check_compose(deployment, compose)
+    assert any(message in p for p in problems), problems
+
+
+def test_cache_layout_refuses_bad_gpus_and_port_collisions(tmp_path):
+    layout = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
+    for change, message in (
+        ({"trainer_gpus": list(range(9))}, "cache.trainer_gpus must be distinct indices in [0, 8)"),
+        ({"precompute_metrics_port": 9404}, "cache.precompute_metrics_port 9404 collides"),
+        ({"dir": "cache/teacher"}, "cache.dir must be an absolute path"),
+    ):
+        path = tmp_path / "cluster.yaml"
+        path.write_text(yaml.safe_dump({**layout, "cache": {**layout["cache"], **change}}))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_deployment(path)
+    # Without a cache: section the deployment has no cache phase, and compose's extra services pass.
+    del layout["cache"]
+    path.write_text(yaml.safe_dump(layout))
+    plain = load_deployment(path)
+    assert plain.cache_dir is None and "CACHE_DIR" not in plain.as_env()
+    assert check_compose(plain, _raw_compose()) == []
+
+
+def test_prometheus_finds_the_cache_phase_by_dns(deployment):
+    prometheus = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    ports = sorted(sd["port"] for sd in jobs[TRAINER]["dns_sd_configs"] if sd["names"] == [TRAINER_ALL])
+    assert ports == list(deployment.cache_trainer_metrics_ports)
+    # A static trainer-all target would be down (and fire TrainerDown) outside its profile.
+    jobs[TRAINER]["static_configs"][0]["targets"].append("trainer-all:9405")
+    assert any("job 'trainer' scrapes" in p for p in check_prometheus(deployment, prometheus))
+    prometheus = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    del prometheus["scrape_configs"][2]["relabel_configs"]
+    assert any("'precompute' must relabel" in p for p in check_prometheus(deployment, prometheus))
+    prometheus["scrape_configs"].pop(2)
+    assert any("job 'precompute' scrapes None" in p for p in check_prometheus(deployment, prometheus))
+
+
+def test_prometheus_dns_relabelling_names_instances():
+    """promtool's `test rules` cannot relabel; the regex itself, as Prometheus applies it (anchored)."""
+    prometheus = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    (rule,) = prometheus["scrape_configs"][1]["relabel_configs"]
+    regex = re.compile(rule["regex"])
+    replacement = rule["replacement"].replace("$1", r"\1").replace("$2", r"\2")
+    assert regex.fullmatch("trainer-all;172.18.0.5:9407").expand(replacement) == "trainer-all:9407"
+    assert regex.fullmatch(";trainer:9401") is None, "static targets keep their instance"
 
 
 def test_secrets_come_from_the_environment_only():

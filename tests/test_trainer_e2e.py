@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from hyperdistill.common.teacher_process import free_port
 from tests.conftest import ROOT, start_teacher
+from tests.helpers import scrape_metrics
 
 TRAINER_CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"
 TEACHER_OVERRIDES = ("engine.kind=hf", "engine.max_num_batched_tokens=1", "server.logprob_dtype=float16")
@@ -142,6 +143,62 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, baseline, teacher, ti
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def precompute_command(cache: Path, address: str, tiny_models, data_cache: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "hyperdistill.trainer.precompute",
+        "--config",
+        str(TRAINER_CPU_CONFIG),
+        f"student.path={tiny_models.student}",
+        f"teacher.addresses=[{address}]",
+        f"teacher.cache.dir={cache}",
+        "teacher.cache.encoding=fp16",  # exactly what the fp16 wire carries: the runs can be compared bit for bit
+        "eval.held_out=0",
+        f"data.cache_dir={data_cache}",
+        PHASES,
+    ]
+
+
+def test_precompute_then_train_from_the_cache_alone_reproduces_the_live_run(
+    tmp_path, baseline, teacher, tiny_models, data_cache
+):
+    """Each distinct sequence is scored once (the teacher's own counter), a second precompute
+    scores nothing, and training with no teacher at all, stopped and resumed, equals the live run."""
+    cache = tmp_path / "cache"
+    scored = ("teacher_positions_total", (("status", "OK"),))
+    before = scrape_metrics(teacher.metrics_url).get(scored, 0)
+    first = subprocess.run(precompute_command(cache, teacher.address, tiny_models, data_cache), **_CAPTURE)
+    assert first.returncode == 0, first.stderr[-4000:]
+    summary = json.loads(first.stdout.splitlines()[-1])
+    assert summary["complete"] and summary["sequences"] == 4  # PHASES: the same 4 examples every epoch
+    assert scrape_metrics(teacher.metrics_url).get(scored, 0) - before == summary["positions_scored"] > 0
+    again = json.loads(
+        subprocess.run(precompute_command(cache, teacher.address, tiny_models, data_cache), **_CAPTURE).stdout
+    )
+    assert (again["already_cached_sequences"], again["positions_scored"]) == (4, 0)
+
+    run_dir = tmp_path / "from-cache"
+    from_cache = (
+        "teacher.addresses=[]",
+        f"teacher.cache.dir={cache}",
+        "teacher.cache.encoding=fp16",
+        f"teacher.cache.teacher_model={summary['key']['teacher_model']}",
+    )
+    stopped = run_trainer(run_dir, "unused", tiny_models, data_cache, *from_cache, "stop_after_steps=3")
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    resumed = run_trainer(run_dir, "unused", tiny_models, data_cache, *from_cache)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr
+    assert losses(run_dir) == losses(baseline)  # exactly, step by step
+    expected, got = final_weights(baseline, tmp_path), final_weights(run_dir, tmp_path)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+_CAPTURE = {"capture_output": True, "text": True, "timeout": 600, "cwd": ROOT}
 
 
 def test_sigterm_checkpoints_then_resume_reproduces_the_run(tmp_path, baseline, teacher, tiny_models, data_cache):

@@ -28,6 +28,11 @@ TEACHER_FAILURES = Counter(
     "Teacher batches that failed for good (refused, malformed or retry budget spent).",
     ["rank"],
 )
+TEACHER_CACHE_POSITIONS = Counter(
+    "trainer_teacher_cache_positions_total",
+    "Teacher positions looked up in the top-K cache, by result: hit (read from disk) or miss (asked of a teacher).",
+    ["rank", "result"],
+)
 GRAD_NORM = Gauge("trainer_grad_norm", "Hypernetwork gradient norm before clipping.", ["rank"])
 LEARNING_RATE = Gauge("trainer_learning_rate", "Current learning rate.", ["rank"])
 LORA_NORM = Gauge(
@@ -58,3 +63,5 @@ def export_teacher_stats(rank: int, now: TeacherClientStats, before: TeacherClie
     """Advance the teacher counters by what the client counted since `before` (its last snapshot)."""
     TEACHER_RETRIES.labels(rank=rank).inc(now.retries - before.retries)
     TEACHER_FAILURES.labels(rank=rank).inc(now.failures - before.failures)
+    TEACHER_CACHE_POSITIONS.labels(rank=rank, result="hit").inc(now.cache_hit_positions - before.cache_hit_positions)
+    TEACHER_CACHE_POSITIONS.labels(rank=rank, result="miss").inc(now.cache_miss_positions - before.cache_miss_positions)

@@ -34,7 +34,7 @@ class _Pending:
 
 @dataclass
 class CacheStats:
-    """Sequences (and their positions) answered from the cache and by the live teachers."""
+    """Sequences and positions answered from the cache (hits) and by the live teachers (misses)."""
 
     hit_sequences: int = 0
     hit_positions: int = 0
@@ -129,7 +129,12 @@ class CachedTeacher:
 
     def stats(self) -> TeacherClientStats:
         stats = self.live.stats() if self.live is not None else TeacherClientStats()
-        return replace(stats, last_wait_seconds=self._last_wait)
+        return replace(
+            stats,
+            last_wait_seconds=self._last_wait,
+            cache_hit_positions=self.cache_stats.hit_positions,
+            cache_miss_positions=self.cache_stats.miss_positions,
+        )
 
     def close(self) -> None:
         """Commit what write-through holds and close the live client. Idempotent."""

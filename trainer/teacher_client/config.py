@@ -124,3 +124,7 @@ class TeacherClientStats:
     """Serialized bytes of all ScoreChunks received."""
     last_wait_seconds: float = 0.0
     """Seconds the last ``result`` call blocked."""
+    cache_hit_positions: int = 0
+    """Positions answered from the teacher cache (`CachedTeacher`; 0 without a cache)."""
+    cache_miss_positions: int = 0
+    """Positions the cache lacked, asked of the live teachers (`CachedTeacher`)."""
