@@ -52,7 +52,7 @@ demo: setup proto models ## the whole job on CPU: teacher service + torchrun x2 
 teacher-demo: setup proto models ## only the teacher: score sample sequences, print positions/s and bytes/position
 	$(PY) -m hyperdistill.teacher_service.demo --config $(TEACHER_CONFIG)
 
-bench: setup proto models ## benchmarks P1-P6 (issue 7), ~7 min: runs/bench/report.md and report.json
+bench: setup proto models ## benchmarks P1-P6 (issue 7) and P7 (issue 15: the teacher cache), ~17 min: runs/bench/report.md and report.json
 	$(PY) -m tests.bench.run --out runs/bench
 
 learn-bench: setup proto models ## hypernetwork vs static LoRA vs oracle on 4 instruction families with known teachers (issue 12), ~12 min (+5 min the first time: teachers, scoring): runs/learn-bench/report.md

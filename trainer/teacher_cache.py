@@ -49,6 +49,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,6 +275,11 @@ class TeacherCache:
         if positions != len(ids) - 1:  # a hash collision would have to keep the length too
             raise RuntimeError(f"teacher cache {shard.path}: entry of {positions} positions for {len(ids)} tokens")
         return decode(shard.record(row), positions, self.key.top_k, self.key.encoding)
+
+    def entries(self) -> Iterator[tuple[bytes, TopK]]:
+        """Every (sequence hash, decoded ``TopK``) of the cache, shard by shard."""
+        for key, (shard, row, positions) in self._entries.items():
+            yield key, decode(shard.record(row), positions, self.key.top_k, self.key.encoding)
 
     def writer(self, shard_bytes: int) -> CacheWriter:
         return CacheWriter(self, shard_bytes)

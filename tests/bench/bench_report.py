@@ -273,7 +273,45 @@ def _p6_details(r: dict) -> list[str]:
     return lines
 
 
-_ROWS = {"P1": _p1_row, "P2": _p2_row, "P3": _p3_row, "P4": _p4_row, "P5": _p5_row, "P6": _p6_row}
+def _p7_row(r: dict) -> list[str]:
+    once = r["teacher_positions_precompute"] == r["distinct_positions"] and r["teacher_positions_training"] == 0
+    return [
+        f"teacher top-K cache, {r['epochs']}-epoch run: teacher positions scored / distinct; "
+        "trainer steps/s from the cache / from an instant in-memory teacher",
+        f"{r['teacher_positions_precompute']:,.0f} / {r['distinct_positions']:,} "
+        f"(+{r['teacher_positions_training']:,.0f} while training); {r['steps_per_s_ratio']:.3f}",
+        "scored exactly once; >= 0.95",
+        _yes(once and r["steps_per_s_ratio"] >= 0.95),
+    ]
+
+
+def _p7_details(r: dict) -> list[str]:
+    from tests.bench.bench_cache_encoding import table
+
+    s = r["step_s"]
+    return [
+        f"{r['sequences']} distinct sequences, {r['distinct_positions']:,} positions; precompute "
+        f"{r['precompute_seconds']:.0f} s ({r['precompute_positions_per_second']:.0f} positions/s on this "
+        f"machine's demo teacher), {r['cache_bytes_per_position']:.0f} B/position on disk. Training: "
+        f"{r['training_steps']} steps, {r['tokens_trained']:,} tokens with the teacher up and unasked.",
+        "",
+        f"Step time (steps 2+): from the cache {stat(s['cache'])} s, in-memory teacher {stat(s['in_memory'])} s.",
+        "",
+        "Encodings (`python -m tests.bench.bench_cache_encoding`), the loss against float32:",
+        "",
+        table(r["encodings"]),
+    ]
+
+
+_ROWS = {
+    "P1": _p1_row,
+    "P2": _p2_row,
+    "P3": _p3_row,
+    "P4": _p4_row,
+    "P5": _p5_row,
+    "P6": _p6_row,
+    "P7": _p7_row,
+}
 _DETAILS = {
     "P1": _p1_details,
     "P2": _p2_details,
@@ -281,4 +319,5 @@ _DETAILS = {
     "P4": _p4_details,
     "P5": _p5_details,
     "P6": _p6_details,
+    "P7": _p7_details,
 }

@@ -1,4 +1,4 @@
-"""``make bench``: measure P1-P6 of issue 7 and write ``<out>/report.json`` and ``<out>/report.md``.
+"""``make bench``: measure P1-P6 of issue 7 and P7 of issue 15 and write ``<out>/report.json`` and ``<out>/report.md``.
 
     .venv/bin/python -m tests.bench.run --out runs/bench [--only P1,P5] [--repeats 3]
 
@@ -25,7 +25,7 @@ from tests.bench.bench_common import machine_info
 
 logger = logging.getLogger(__name__)
 
-MEASURES = ("P1", "P2", "P3", "P4", "P5", "P6")
+MEASURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--p2-positions", type=int, default=32768, help="positions of the P1/P2 pass")
     parser.add_argument("--p3-positions", type=int, default=8192, help="positions of each P3 pass")
+    parser.add_argument("--p7-repeats", type=int, default=1, help="P7's trainer speed runs per variant (alternating)")
     parser.add_argument("--p4-steps", type=int, default=4, help="optimizer steps per P4 trainer run (3 runs)")
     parser.add_argument("--p5-positions", type=int, default=8192, help="T of the P5 losses")
     parser.add_argument(
@@ -111,6 +112,13 @@ def main() -> None:
         from tests.bench.bench_teacher import teacher_measures
 
         teacher_measures(report, out, args, selected)
+    if "P7" in selected:
+        from tests.bench import bench_cache, bench_cache_encoding
+
+        report.measure(
+            ["P7"],
+            lambda: {"P7": {**bench_cache.run(out, args.p7_repeats), "encodings": bench_cache_encoding.measure(4096)}},
+        )
     report.data["total_seconds"] = time.perf_counter() - start
     report.write()
     print(bench_report.render(report.data))
