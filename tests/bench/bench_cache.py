@@ -8,8 +8,9 @@
    the teacher's counter must not move (every epoch and both evaluations read the cache).
 3. Trainer speed: the same run from the cache alone (``teacher.addresses=[]``) against an instant
    in-memory teacher (every answer decoded into memory before the first step, `_InMemory`), each
-   ``STEPS`` steps; steps/s of the cache over the in-memory teacher's (goal >= 0.95), on the median
-   step time of steps 2+. The runs alternate, ``repeats`` times each.
+   ``STEPS`` steps (an epoch per step: the same 4 examples); steps/s of the cache over the in-memory
+   teacher's (goal >= 0.95), on the median step time of steps 2+. The runs alternate, ``repeats``
+   times each (``make bench``: 2).
 
 Child (one trainer rank, via torchrun): ``python -m tests.bench.bench_cache --in-memory <trainer args>``.
 """
@@ -24,16 +25,17 @@ from pathlib import Path
 from tests.bench.bench_common import ROOT, TRAINER_CPU_CONFIG, summarize
 
 TEACHER_CONFIG = ROOT / "deploy/configs/teacher.demo.yaml"
-EPOCHS, SAMPLES, HELD_OUT, STEPS = 3, 4, 2, 8
+EPOCHS, SAMPLES, HELD_OUT, STEPS = 3, 4, 2, 10
 OK_POSITIONS = ("teacher_positions_total", (("status", "OK"),))
 
 
 def _overrides(student: Path, cache: Path, steps: int | None = None) -> list[str]:
-    limit = f", max_steps: {steps}" if steps else ""
+    """The P7 run's config; with ``steps``, as many epochs as that many steps take (the speed runs)."""
+    epochs, limit = (steps, f", max_steps: {steps}") if steps else (EPOCHS, "")
     return [
         f"student.path={student}",
         f"data.cache_dir={ROOT / '.cache/data'}",
-        f"phases=[{{name: main, lr: 0.002, epochs: {EPOCHS}, max_samples: {SAMPLES}, warmup_steps: 0{limit}}}]",
+        f"phases=[{{name: main, lr: 0.002, epochs: {epochs}, max_samples: {SAMPLES}, warmup_steps: 0{limit}}}]",
         f"eval.held_out={HELD_OUT}",
         f"teacher.cache.dir={cache}",
         "metrics.port=0",

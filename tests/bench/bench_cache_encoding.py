@@ -57,7 +57,7 @@ def _loss_and_grad(hidden: torch.Tensor, head: torch.Tensor, topk: TopK) -> tupl
     mask = torch.ones(1, len(h), dtype=torch.bool)
     loss = topk_kl_loss(h[None], head, ids[None], lp[None], mask, len(h))
     loss.backward()
-    return float(loss), h.grad, topk_kl_per_position(hidden, head, ids, lp)
+    return float(loss.detach()), h.grad, topk_kl_per_position(hidden, head, ids, lp)
 
 
 def measure(positions: int) -> dict:

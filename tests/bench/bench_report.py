@@ -11,7 +11,7 @@ GIB = 2**30
 def render(report: dict) -> str:
     measures, errors = report["measures"], report["errors"]
     lines = [
-        "# hyperdistill benchmarks (issue 7)",
+        "# hyperdistill benchmarks (issues 7 and 15)",
         "",
         f"Started {report['started']}; `{report['command']}`"
         + (f"; {report['total_seconds'] / 60:.1f} min in all." if "total_seconds" in report else "."),

@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--p2-positions", type=int, default=32768, help="positions of the P1/P2 pass")
     parser.add_argument("--p3-positions", type=int, default=8192, help="positions of each P3 pass")
-    parser.add_argument("--p7-repeats", type=int, default=1, help="P7's trainer speed runs per variant (alternating)")
+    parser.add_argument("--p7-repeats", type=int, default=2, help="P7's trainer speed runs per variant (alternating)")
     parser.add_argument("--p4-steps", type=int, default=4, help="optimizer steps per P4 trainer run (3 runs)")
     parser.add_argument("--p5-positions", type=int, default=8192, help="T of the P5 losses")
     parser.add_argument(
