@@ -250,3 +250,29 @@ def test_cache_json_records_the_key(tmp_path):
     _fill(tmp_path, count=1)
     meta = json.loads((tmp_path / "cache.json").read_text())
     assert meta["key"]["teacher_model"] == "teacher-480b" and meta["key"]["encoding"] == "packed"
+
+
+def test_precompute_stopped_by_sigterm_commits_what_it_scored_and_cancels_the_rest(tmp_path):
+    from hyperdistill.trainer.precompute import _score_into
+
+    class Client(_FakeLive):
+        def __init__(self, stopping):
+            super().__init__()
+            self.stopping, self.cancelled = stopping, []
+
+        def result(self, key):
+            self.stopping.append(True)  # SIGTERM arrives while the first batch is awaited
+            return super().result(key)
+
+        def cancel(self, key):
+            self.cancelled.append(key)
+            super().cancel(key)
+
+    stopping: list = []
+    client = Client(stopping)
+    todo = [_sequence(20 + i, i) for i in range(8)]
+    cache = TeacherCache(tmp_path, KEY)
+    scored, nbytes = _score_into(client, cache, todo, sum(len(s) - 1 for s in todo), (3, 2, 1 << 20), stopping, 0.0)
+    assert scored == 19 + 20 and nbytes == 39 * 64  # the first batch (2 sequences), committed
+    assert client.cancelled == [1, 2]  # the batches still in flight
+    assert len(TeacherCache(tmp_path, KEY)) == 2
