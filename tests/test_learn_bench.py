@@ -149,3 +149,14 @@ def test_runner_trains_both_arms_and_the_oracle_closes_the_gap(scored_dir):
     assert arms["none"]["kl"] > 0.2 and arms["none"]["gap_closed"] == 0.0
     assert arms["oracle"]["kl"] < 1e-3 * arms["none"]["kl"] and arms["oracle"]["top1_agreement"] > 0.99
     assert set(run.diagnose(adapters["generated"], data)) == {"context_family_share", "delta_alignment"}
+    # The routed arm's whole schedule, shrunk: 2 bootstrap steps of 4 samples, clustering into the 4
+    # experts, router pre-training, the switch, then routed steps.
+    routed_overrides = [
+        "hypernetwork.kind=routed",
+        "hypernetwork.route_after_steps=2",
+        "hypernetwork.router_pretrain_steps=2",
+    ]
+    cfg = load_config(TrainerConfig, run.CONFIG, overrides=routed_overrides)
+    routed, losses = run.train_arm(cfg, run.load_student_for(cfg), data, steps=4, batch_size=4, seed=0)
+    assert len(losses) == 4 and all(np.isfinite(losses)) and bool(routed.routing_set)
+    assert not any(p.requires_grad for p in routed.router.parameters())

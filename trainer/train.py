@@ -111,6 +111,13 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
+        if cfg.hypernetwork.kind == "routed":
+            raise ValueError(
+                "hypernetwork.kind: routed is not supported by the Trainer yet: it needs the bootstrap / "
+                "cluster / router pre-training schedule of trainer.routing (probe gradients over the first "
+                "route_after_steps steps, then a switch to hard routing and a fresh optimizer), which only "
+                "the learn-bench runs today (tests/learn_bench/run.py, `make learn-bench`); use kind hyper or static"
+            )
         self.dist = init_distributed()
         _seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.student.path, cfg.student.chat_template)

@@ -1,17 +1,19 @@
 """``make learn-bench``: does a per-prompt hypernetwork beat one static LoRA where the answer is known?
 
 For each prompt variant (`task.VARIANTS`), the samples scored by their family's teacher through
-the teacher service (`scored.load_scored`) train two arms through the trainer's own pieces
-(`build_hyper_lora`, `distill_loss`, `build_optimizer`, `phase_lr`): ``hypernetwork.kind: hyper``
-and ``kind: static``, same rank, data order, steps and schedule. Both are then evaluated on
+the teacher service (`scored.load_scored`) train three arms through the trainer's own pieces
+(`build_hyper_lora`, `distill_loss`, `build_optimizer`, `phase_lr`): ``hypernetwork.kind: hyper``,
+``kind: routed`` (with its bootstrap / cluster / router pre-training schedule, `trainer.routing`)
+and ``kind: static``, same rank, data order, steps and schedule. They are then evaluated on
 held-out paraphrases by the trainer's evaluation (`trainer.eval.evaluate_arms`): no LoRA, the
 generated LoRA, the prompt swap (each sample gets the LoRA of another sample's prompt), the
-static LoRA, and the oracle (the family's true LoRA_c). Writes ``<out>/<variant>.json`` (one
-object per arm with ``gap_closed`` = 1 - KL_arm / KL_none), ``<out>/report.md`` and prints it.
+routed LoRA and its prompt swap, the static LoRA, and the oracle (the family's true LoRA_c).
+Writes ``<out>/<variant>.json`` (one object per arm with ``gap_closed`` = 1 - KL_arm / KL_none),
+``<out>/report.md`` and prints it.
 
     python -m tests.learn_bench.run [--steps N] [--n-train N] [--out runs/learn-bench] [key=value ...]
 
-Overrides are trainer config fields (``hypernetwork.*``, ``optim.*``) applied to both arms.
+Overrides are trainer config fields (``hypernetwork.*``, ``optim.*``) applied to every arm.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from hyperdistill.trainer.data.sampler import collate, teacher_tensors
 from hyperdistill.trainer.eval import HeldOut, evaluate_arms, swap_partners
 from hyperdistill.trainer.hypernetwork import build_hyper_lora
 from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights
+from hyperdistill.trainer.routing import Bootstrap, purity, rewarm_factor, route
 from hyperdistill.trainer.train import build_optimizer, distill_loss, phase_lr
 from tests.learn_bench import task
 from tests.learn_bench.scored import ScoredSet, load_scored
@@ -51,14 +54,28 @@ EVAL_BATCH = 16
 def train_arm(
     cfg: TrainerConfig, student: nn.Module, data: ScoredSet, steps: int, batch_size: int, seed: int
 ) -> tuple[nn.Module, list[float]]:
-    """Train one adapter (``cfg.hypernetwork.kind``) on `data.train`; returns it and the loss curve."""
+    """Train one adapter (``cfg.hypernetwork.kind``) on `data.train`; returns it and the loss curve.
+
+    ``kind: routed`` runs `trainer.routing`'s schedule: bootstrap with the probe for
+    ``route_after_steps`` steps, then (before step K) `route`, a fresh optimizer and the re-warm."""
     torch.manual_seed(seed)
-    adapter = build_hyper_lora(cfg.hypernetwork, student)
+    hp = cfg.hypernetwork
+    adapter = build_hyper_lora(hp, student)
     phase = cfg.phases[0]
     optimizer = build_optimizer(adapter, cfg.optim, phase.lr)
     order = random.Random(seed).sample(range(len(data.train)), len(data.train))
+    routed = hp.kind == "routed"
+    bootstrap = Bootstrap() if routed else None
+    if routed:
+        adapter.probe = True
     losses = []
     for step in range(steps):
+        if routed and step == hp.route_after_steps:
+            labels = route(adapter, bootstrap, seed=seed)
+            families = [data.train[order[i % len(order)]]["family"] for i in range(len(labels))]
+            adapter.bootstrap_purity = purity(families, labels.tolist(), hp.experts)  # read by `diagnose`
+            log.info("routed: the bootstrap's clusters have purity %.3f over the families", adapter.bootstrap_purity)
+            optimizer = build_optimizer(adapter, cfg.optim, phase.lr)
         rows = [data.train[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
         batch = collate(rows, PAD_ID)
         ids, logprobs, mask = teacher_tensors(batch, [_topk(r) for r in rows], torch.device("cpu"))
@@ -66,8 +83,12 @@ def train_arm(
             student, adapter, batch, ids, logprobs, mask, float(mask.sum()), cfg.optim, torch.device("cpu")
         )
         loss.backward()
+        if routed and not adapter.routed:
+            bootstrap.record(adapter, batch.prompt_ids, batch.prompt_mask)
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.grad_clip)
         lr = phase_lr(phase, step, steps)
+        if routed:
+            lr *= rewarm_factor(step, hp.route_after_steps, hp.route_rewarm_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         optimizer.step()
@@ -102,8 +123,10 @@ class Oracle(nn.Module):
         return GeneratedLoRA(weights, 1.0)
 
 
-def evaluate(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, adapters: dict[str, nn.Module]) -> dict:
-    """Every arm on the held-out samples: {arm: metrics} with ``gap_closed``."""
+def evaluate(
+    cfg: TrainerConfig, student: nn.Module, data: ScoredSet, adapters: dict[str, nn.Module], oracle: bool = True
+) -> dict:
+    """Every arm on the held-out samples: {arm: metrics} with ``gap_closed`` (and the oracle's)."""
     partners = swap_partners(len(data.eval), cfg.seed)
     items = []
     for start in range(0, len(data.eval), EVAL_BATCH):
@@ -115,8 +138,8 @@ def evaluate(cfg: TrainerConfig, student: nn.Module, data: ScoredSet, adapters: 
         return evaluate_arms(student, found, items, optim=cfg.optim, edges=[0], device=torch.device("cpu")).arms
 
     arms = {name: asdict(m) for name, m in run(adapters).items()}
-    oracle = asdict(run({"generated": Oracle(data)})["generated"])
-    arms["oracle"] = oracle
+    if oracle:
+        arms["oracle"] = asdict(run({"generated": Oracle(data)})["generated"])
     for m in arms.values():
         m.pop("kl_by_position", None)
     return arms
@@ -143,7 +166,16 @@ def diagnose(adapter: nn.Module, data: ScoredSet) -> dict:
         true = torch.stack([f[name][1] @ f[name][0] for f in data.family_loras])
         g, t = generated - generated.mean(0), true - true.mean(0)
         cosines += torch.nn.functional.cosine_similarity(g.flatten(1), t.flatten(1)).tolist()
-    return {"context_family_share": round(share, 4), "delta_alignment": round(float(np.mean(cosines)), 4)}
+    out = {"context_family_share": round(share, 4), "delta_alignment": round(float(np.mean(cosines)), 4)}
+    if getattr(adapter, "routed", False):  # kind routed: which expert each held-out prompt gets
+        experts = adapter.experts(batch.prompt_ids, batch.prompt_mask).tolist()
+        out["bootstrap_cluster_purity"] = round(getattr(adapter, "bootstrap_purity", float("nan")), 4)
+        out["routing_purity"] = round(purity(families.tolist(), experts, adapter.config.experts), 4)
+        out["experts_by_family"] = [
+            torch.bincount(torch.tensor(experts)[families == c], minlength=adapter.config.experts).tolist()
+            for c in range(len(data.family_loras))
+        ]
+    return out
 
 
 def _topk(row: dict) -> TopK:
@@ -165,7 +197,10 @@ def report(results: dict[str, dict], meta: dict) -> str:
             f"{(m['gap_closed'] if m['gap_closed'] is not None else 0.0):.1%} |"
             for arm, m in arms.items()
         ]
-        lines += ["", f"hypernetwork diagnostics: {arms['generated'].get('diagnostics')}", ""]
+        lines += ["", f"hypernetwork diagnostics: {arms['generated'].get('diagnostics')}"]
+        if "routed" in arms:
+            lines += ["", f"routed diagnostics: {arms['routed'].get('diagnostics')}"]
+        lines += [""]
     return "\n".join(lines)
 
 
@@ -187,14 +222,17 @@ def main() -> None:
     results = {}
     for variant in args.variants:
         data, arms = sets[variant], {}
-        for kind in ("hyper", "static"):
+        for kind, arm in (("hyper", "generated"), ("static", "static"), ("routed", "routed")):
             cfg = load_config(TrainerConfig, CONFIG, overrides=[*args.overrides, f"hypernetwork.kind={kind}"])
             student = load_student_for(cfg)
-            arms["generated" if kind == "hyper" else "static"], _ = train_arm(
-                cfg, student, data, args.steps, args.batch_size, cfg.seed
-            )
+            arms[arm], _ = train_arm(cfg, student, data, args.steps, args.batch_size, cfg.seed)
+        routed = arms.pop("routed")
         results[variant] = evaluate(cfg, student, data, arms)
+        by_routed = evaluate(cfg, student, data, {"generated": routed}, oracle=False)
+        results[variant]["routed"] = by_routed["generated"]
+        results[variant]["routed_prompt_swap"] = by_routed["prompt_swap"]
         results[variant]["generated"]["diagnostics"] = diagnose(arms["generated"], data)
+        results[variant]["routed"]["diagnostics"] = diagnose(routed, data)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{variant}.json").write_text(json.dumps(results[variant], indent=2) + "\n")
     meta = {

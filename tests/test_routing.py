@@ -1,0 +1,263 @@
+"""``hypernetwork.kind: routed`` and its schedule (trainer/routing.py) on the tiny student: the probe,
+clustering, router pre-training, the switch to hard routing, checkpoints, the Trainer's refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperdistill.common.config import load_config
+from hyperdistill.trainer.config import TrainerConfig
+from hyperdistill.trainer.hypernetwork import HyperLoRAConfig, RoutedHyperLoRA, StaticLoRA, build_hyper_lora
+from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora
+from hyperdistill.trainer.routing import (
+    Bootstrap,
+    cluster,
+    pretrain_router,
+    purity,
+    rewarm_factor,
+    route,
+    set_routing,
+)
+from hyperdistill.trainer.train import Trainer
+from tests.learn_bench.run import CONFIG
+
+SMALL = dict(
+    kind="routed",
+    targets=["self_attn.o_proj", "linear_attn.out_proj"],
+    rank=8,
+    experts=4,
+    alpha=8.0,
+    encoder_dim=32,
+    encoder_heads=4,
+    encoder_layers=1,
+    max_prompt_tokens=24,
+    route_after_steps=2,
+    router_pretrain_steps=5,
+    router_pretrain_batch=8,
+    cluster_restarts=2,
+)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_models.student, dtype=torch.float32).eval()
+
+
+def routed_adapter(student, **overrides) -> RoutedHyperLoRA:
+    torch.manual_seed(0)
+    adapter = build_hyper_lora(HyperLoRAConfig(**{**SMALL, **overrides}), student)
+    assert isinstance(adapter, RoutedHyperLoRA)
+    return adapter
+
+
+def prompts(n: int, width: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 151_000, (n, width), generator=gen), torch.ones(n, width, dtype=torch.bool)
+
+
+def randomise_bank(adapter, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in adapter.bank.B.values():
+            b.copy_(0.05 * torch.randn(b.shape, generator=gen))
+
+
+def hidden(student, lora, ids) -> torch.Tensor:
+    with hyper_lora(student, lora, seq_len=ids.shape[1]):
+        return student.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def test_cluster_recovers_planted_balanced_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 300, generator=gen)
+    truth = torch.arange(4).repeat_interleave(40)[torch.randperm(160, generator=gen)]
+    scale = torch.rand(160, 1, generator=gen) * 10 + 0.1  # gradient norms vary: direction matters
+    features = scale * (centres[truth] + 1.5 * torch.randn(160, 300, generator=gen))
+    labels = cluster(features, 4, dims=8, restarts=4)
+    assert purity(truth.tolist(), labels.tolist(), 4) == 1.0
+    assert labels.bincount(minlength=4).tolist() == [40] * 4
+    assert torch.equal(labels, cluster(features, 4, dims=8, restarts=4))  # deterministic given the seed
+    with pytest.raises(ValueError):
+        cluster(features[:3], 4)
+
+
+def test_probe_gradient_is_the_per_sample_gradient_of_an_extra_b(student):
+    adapter = routed_adapter(student)
+    randomise_bank(adapter)
+    adapter.probe = True
+    ids, _ = prompts(2, 8, seed=3)
+    weight = torch.randn(2, 8, student.config.hidden_size, generator=torch.Generator().manual_seed(4))
+
+    def loss_of(lora: GeneratedLoRA) -> torch.Tensor:
+        return (weight.double() * hidden(student, lora, ids).double()).sum() / 16
+
+    lora = adapter(ids, torch.ones_like(ids, dtype=torch.bool))
+    loss_of(lora).backward()
+    grads = adapter.last_probe
+    assert set(grads) == set(adapter.bank.kinds)
+    # Finite differences along a random extra B (per sample and target) on the bank's A.
+    adapter.probe = False
+    base = adapter(ids, torch.ones_like(ids, dtype=torch.bool))
+    gen = torch.Generator().manual_seed(5)
+    for sample_only in (0, 1, None):
+        direction = {k: torch.randn(p.shape, generator=gen) for k, p in grads.items()}
+        if sample_only is not None:
+            for d in direction.values():
+                d[1 - sample_only] = 0
+        predicted = sum(float((grads[k].grad * direction[k]).sum()) for k in grads)
+
+        def shifted(eps: float, direction=direction) -> GeneratedLoRA:
+            weights = {}
+            for kind in adapter.bank.kinds:
+                a = adapter.bank.factors(kind)[0]
+                for j, t in enumerate(adapter.bank.group(kind)):
+                    w = base.weights[t.name]
+                    extra = eps * direction[kind][:, j]
+                    weights[t.name] = LoRAWeights(
+                        torch.cat([w.A, a[j].expand(2, -1, -1)], 1), torch.cat([w.B, extra], 2), kind
+                    )
+            return GeneratedLoRA(weights, base.scale)
+
+        with torch.no_grad():
+            eps = 1e-3  # the tiny random student is strongly curved: 1e-2 is already non-linear
+            measured = float((loss_of(shifted(eps)) - loss_of(shifted(-eps))) / (2 * eps))
+        assert abs(measured - predicted) <= 1e-2 * abs(predicted) + 1e-3, (sample_only, measured, predicted)
+    # Sample 0's probe gradient does not depend on sample 1 (a per-sample gradient).
+    adapter.probe = True
+    ids2 = ids.clone()
+    ids2[1] = prompts(1, 8, seed=9)[0][0]
+    loss_of_other = (
+        weight.double() * hidden(student, adapter(ids2, torch.ones_like(ids2, dtype=torch.bool)), ids2).double()
+    ).sum() / 16
+    loss_of_other.backward()
+    for k in grads:
+        torch.testing.assert_close(adapter.last_probe[k].grad[0], grads[k].grad[0])
+
+
+def test_before_routing_it_is_the_bank_a_static_lora(student):
+    adapter = routed_adapter(student)
+    ids, mask = prompts(3, seed=1)
+    x = torch.randint(0, 151_000, (3, 6))
+    with torch.no_grad():
+        assert torch.equal(
+            hidden(student, adapter(ids, mask), x), student.model(input_ids=x, use_cache=False).last_hidden_state
+        )
+        randomise_bank(adapter)
+        static = StaticLoRA(adapter.config, adapter.targets)
+        static.bank.load_state_dict(adapter.bank.state_dict())
+        ours, theirs = adapter(ids, mask), static(ids, mask)
+        for name, w in ours.weights.items():
+            assert torch.equal(w.A, theirs.weights[name].A) and torch.equal(w.B, theirs.weights[name].B)
+        adapter.probe = True  # the zero probe leaves the output as it was
+        torch.testing.assert_close(hidden(student, adapter(ids, mask), x), hidden(student, ours, x))
+
+
+def test_switch_routes_each_prompt_to_one_expert_and_freezes_encoder_and_router(student):
+    adapter = routed_adapter(student)
+    randomise_bank(adapter)
+    adapter.probe = True
+    ids, mask = prompts(8, seed=2)
+    with torch.no_grad():
+        adapter.router.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+        adapter.router.weight.mul_(100)  # spread the prompts over the experts
+    set_routing(adapter)
+    assert adapter.routed and not adapter.probe
+    assert all(int(torch.count_nonzero(b)) == 0 for b in adapter.bank.B.values())
+    assert not any(p.requires_grad for m in (adapter.encoder, adapter.router) for p in m.parameters())
+    experts = adapter.experts(ids, mask)
+    assert len(set(experts.tolist())) > 1
+    randomise_bank(adapter)
+    lora = adapter(ids, mask)
+    block = adapter.config.rank // adapter.config.experts
+    for kind in adapter.bank.kinds:
+        a = adapter.bank.factors(kind)[0]
+        w = lora.weights[adapter.bank.group(kind)[0].name]
+        assert w.A.shape[1] == adapter.config.rank  # no probe after the switch
+        for b, e in enumerate(experts.tolist()):
+            keep = torch.zeros(adapter.config.rank, dtype=torch.bool)
+            keep[e * block : (e + 1) * block] = True
+            assert torch.equal(w.A[b][keep], adapter.config.experts * a[0][keep])
+            assert int(torch.count_nonzero(w.A[b][~keep])) == 0
+    hidden(student, lora, torch.randint(0, 151_000, (8, 5))).square().mean().backward()
+    assert all(p.grad is None for m in (adapter.encoder, adapter.router) for p in m.parameters())
+    assert all(p.grad is not None for p in adapter.bank.parameters())
+
+
+def test_checkpoint_keeps_routing_set(student):
+    adapter = routed_adapter(student)
+    with torch.no_grad():
+        adapter.router.weight.mul_(100)
+    set_routing(adapter)
+    randomise_bank(adapter)
+    state = adapter.state_dict()
+    assert "routing_set" in state
+    fresh = routed_adapter(student)
+    assert not fresh.routed
+    fresh.load_state_dict(state)
+    assert fresh.routed and not any(p.requires_grad for p in fresh.router.parameters())
+    assert not any(p.requires_grad for p in fresh.encoder.parameters())
+    ids, mask = prompts(6, seed=7)
+    assert torch.equal(fresh.experts(ids, mask), adapter.experts(ids, mask))
+    for name, w in fresh(ids, mask).weights.items():
+        assert torch.equal(w.A, adapter(ids, mask).weights[name].A)
+
+
+def separable_prompts(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Prompt i of group g: random shared tokens around group g's keyword token."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat(n // 4)
+    keywords = torch.tensor([1000, 2000, 3000, 4000])
+    out = []
+    for g in labels.tolist():
+        noise = torch.randint(5000, 150_000, (6,), generator=gen)
+        out.append(torch.cat([noise[:3], keywords[g : g + 1], noise[3:]]))
+    return out, labels
+
+
+def test_pretrain_router_learns_separable_prompts(student):
+    adapter = routed_adapter(student)
+    train, labels = separable_prompts(64, seed=0)
+    ce = pretrain_router(adapter, train, labels, steps=40, lr=3e-3, batch_size=16)
+    assert ce < 0.5
+    assert all(p.grad is None for m in (adapter.encoder, adapter.router) for p in m.parameters())
+    held_out, truth = separable_prompts(32, seed=1)
+    ids = torch.stack(held_out)
+    accuracy = float((adapter.experts(ids, torch.ones_like(ids, dtype=torch.bool)) == truth).float().mean())
+    assert accuracy >= 0.9
+
+
+def test_bootstrap_and_route_end_to_end(student):
+    adapter = routed_adapter(student)
+    adapter.probe = True
+    boot = Bootstrap()
+    for step in range(2):
+        ids, mask = prompts(4, seed=step)
+        hidden(student, adapter(ids, mask), ids).square().mean().backward()
+        boot.record(adapter, ids, mask)
+    assert torch.cat(boot.features).shape[0] == len(boot.prompts) == 8
+    labels = route(adapter, boot)
+    assert labels.bincount(minlength=4).tolist() == [2, 2, 2, 2] and adapter.routed
+
+
+def test_schedule_helpers_and_config():
+    assert [rewarm_factor(s, 60, 10) for s in (59, 60, 64, 69, 70)] == [1.0, 0.1, 0.5, 1.0, 1.0]
+    assert rewarm_factor(60, 60, 0) == 1.0
+    assert purity([0, 0, 1, 1], [3, 3, 2, 2], 4) == 1.0 and purity([0, 0, 1, 1], [1, 1, 1, 1], 4) == 0.5
+    assert HyperLoRAConfig(kind="routed").route_after_steps == 60
+    for bad in (
+        dict(route_after_steps=0),
+        dict(router_pretrain_lr=0.0),
+        dict(route_rewarm_steps=-1),
+        dict(cluster_dims=0),
+    ):
+        with pytest.raises(ValueError):
+            HyperLoRAConfig(kind="routed", **bad)
+
+
+def test_trainer_refuses_routed():
+    cfg = load_config(TrainerConfig, CONFIG, overrides=["hypernetwork.kind=routed"])
+    with pytest.raises(ValueError, match="learn-bench"):
+        Trainer(cfg).setup()
