@@ -195,11 +195,14 @@ class StreamScorer:
 
     def close(self, error: RequestError) -> None:
         """Stop reading; the stream ends with ``error`` (a stream's status, not a request's: not
-        counted in the request metrics) once what it admitted is sent."""
+        counted in the request metrics) once what it admitted is sent. A stream whose client has
+        finished writing (its reader is done) is left to end by itself, OK once its answers are
+        sent: they may still be queued when the last request releases its admission."""
+        if self._reader is None or self._reader.done():
+            return
         if self._error is None:
             self._error = error
-        if self._reader is not None:
-            self._reader.cancel()
+        self._reader.cancel()
         self._out.put_nowait(_WAKE)
 
     def _fail(self, error: RequestError) -> None:

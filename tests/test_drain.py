@@ -78,6 +78,33 @@ def test_drained_server_ends_open_streams_after_answering_what_they_admitted():
     assert admission.streams == set()
 
 
+async def _finished_client(rids: list[str]):
+    """Writes ``rids`` and half-closes (the probe client, the learn-bench scorer)."""
+    for rid in rids:
+        yield _request(rid)
+
+
+def test_a_stream_whose_client_finished_writing_ends_ok_with_all_its_answers():
+    """Its last answers may still be queued when the drain finds nothing in flight: closing it then
+    would turn a complete stream into UNAVAILABLE (as test_teacher_lifecycle once saw)."""
+
+    async def run():
+        engine, admission = GatedEngine(), Admission(max_positions=1000)
+        engine.release.set()
+        scorer = StreamScorer(engine, admission, LIMITS)
+        stream = scorer.run(_finished_client(["a", "b", "c"]))
+        answered = []
+        async for chunk in stream:  # consume until the first answer, then drain with the rest queued
+            answered += [chunk.request_id] if chunk.last else []
+            if admission.requests == 0:
+                admission.draining = True
+                admission.close_streams()
+        return answered, admission
+
+    answered, admission = asyncio.run(run())
+    assert sorted(answered) == ["a", "b", "c"] and admission.streams == set()
+
+
 def test_a_request_read_while_draining_is_refused_by_name():
     async def run():
         admission = Admission(max_positions=1000)
