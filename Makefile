@@ -34,7 +34,7 @@ $(STUBS) &: $(PROTO) $(INSTALLED)
 	sed -i 's/^from common\.stubs import/from hyperdistill.common.stubs import/' common/stubs/teacher_pb2_grpc.py
 
 models: setup ## build (once) the tiny teacher, student and demo teacher in .cache/tiny-models
-	$(PY) -m hyperdistill.common.tiny_models
+	$(PY) -m tests.devtools.tiny_models
 
 data: models ## tokenize the fixture trajectories with the student's tokenizer (prints the summary)
 	$(PY) -m hyperdistill.trainer.data --tokenizer .cache/tiny-models/student --source tests/fixtures/swe_rebench_sample.jsonl --max-length 8192
@@ -47,10 +47,10 @@ test: setup proto deploy-tools lint ## lint, then the test suite (installs promt
 	$(PY) -m pytest -q
 
 demo: setup proto models ## the whole job on CPU: teacher service + torchrun x2 trainer, tiny models, fixture data
-	$(PY) -m hyperdistill.trainer.demo
+	$(PY) -m tests.devtools.demo
 
 teacher-demo: setup proto models ## only the teacher: score sample sequences, print positions/s and bytes/position
-	$(PY) -m hyperdistill.teacher_service.demo --config $(TEACHER_CONFIG)
+	$(PY) -m tests.devtools.teacher_demo --config $(TEACHER_CONFIG)
 
 bench: setup proto models ## benchmarks P1-P6 (issue 7) and P7 (issue 15: the teacher cache), ~17 min: runs/bench/report.md and report.json
 	$(PY) -m tests.bench.run --out runs/bench

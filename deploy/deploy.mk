@@ -57,5 +57,5 @@ deploy-tools: ## install promtool and docker-compose (Debian packages) for deplo
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus docker-compose; }
 
 deploy-check: setup proto deploy-tools ## CPU-side checks of deploy/: layout, compose, Prometheus rules, dashboards, live metrics
-	$(PY) -m hyperdistill.common.cluster check
+	$(PY) -m tests.devtools.cluster check
 	$(PY) -m pytest -q tests/test_deploy.py

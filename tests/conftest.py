@@ -21,8 +21,8 @@ import psutil
 import pytest
 import torch
 
-from hyperdistill.common.teacher_process import TeacherProcess
-from hyperdistill.common.tiny_models import ensure_tiny_models
+from tests.devtools.teacher_process import TeacherProcess
+from tests.devtools.tiny_models import ensure_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CPU_CONFIG = ROOT / "deploy/configs/teacher.cpu.yaml"

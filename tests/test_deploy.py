@@ -35,7 +35,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.parser import text_string_to_metric_families
 
-from hyperdistill.common.cluster import (
+from hyperdistill.common.config import ConfigError
+from tests.conftest import ROOT
+from tests.devtools.cluster import (
     PRECOMPUTE,
     TEACHER,
     TRAINER,
@@ -45,9 +47,7 @@ from hyperdistill.common.cluster import (
     load_deployment,
     main,
 )
-from hyperdistill.common.config import ConfigError
-from hyperdistill.common.teacher_process import free_port
-from tests.conftest import ROOT
+from tests.devtools.teacher_process import free_port
 
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"

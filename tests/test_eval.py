@@ -18,7 +18,6 @@ from torch import nn
 
 from hyperdistill.common.codec import TopK
 from hyperdistill.common.config import config_to_dict, load_config
-from hyperdistill.common.teacher_process import free_port
 from hyperdistill.trainer.checkpoint import CheckpointConfig, Checkpointer
 from hyperdistill.trainer.config import OptimConfig, TrainerConfig
 from hyperdistill.trainer.data.sampler import collate
@@ -33,6 +32,7 @@ from hyperdistill.trainer.eval import (
 )
 from hyperdistill.trainer.hypernetwork import HyperLoRAConfig, build_hyper_lora
 from hyperdistill.trainer.loss import topk_kl_loss, topk_kl_per_position
+from tests.devtools.teacher_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"

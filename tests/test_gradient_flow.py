@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hyperdistill.common.tiny_models import ensure_tiny_models
 from hyperdistill.trainer.hypernetwork import HyperLoRA, HyperLoRAConfig, build_hyper_lora
 from hyperdistill.trainer.lora import hyper_lora
 from hyperdistill.trainer.loss import topk_kl_loss
+from tests.devtools.tiny_models import ensure_tiny_models
 
 GRAD_MIN, GRAD_MAX = 1e-4, 10.0
 BATCH, SEQ_LEN, PROMPT_LEN, TOP_K = 2, 24, 16, 8

@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-from hyperdistill.common.tiny_models import STUDENT_CONFIG
 from hyperdistill.trainer import plan
 from hyperdistill.trainer.hypernetwork import DEFAULT_TARGETS, find_targets
 from hyperdistill.trainer.lora import (
@@ -22,6 +21,7 @@ from hyperdistill.trainer.lora import (
 )
 from hyperdistill.trainer.loss import topk_kl_loss
 from hyperdistill.trainer.param_table import QWEN3_CODER_NEXT
+from tests.devtools.tiny_models import STUDENT_CONFIG
 
 H200_CONFIG = "deploy/configs/trainer.h200.yaml"
 

@@ -32,7 +32,6 @@ from hyperdistill.common.codec import pack_token_ids
 from hyperdistill.common.config import config_from_dict, load_config
 from hyperdistill.common.stubs import teacher_pb2 as pb
 from hyperdistill.common.stubs import teacher_pb2_grpc as pb_grpc
-from hyperdistill.common.teacher_process import TeacherProcess
 from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from hyperdistill.teacher_service.config import ServerConfig, TeacherConfig
 from hyperdistill.teacher_service.server import serve
@@ -44,6 +43,7 @@ from hyperdistill.trainer.teacher_client import (
     TeacherUnavailableError,
 )
 from tests.conftest import ROOT, TEACHER_CPU_CONFIG
+from tests.devtools.teacher_process import TeacherProcess
 from tests.helpers import VOCAB, assert_matches_reference, random_ids
 
 TOKEN_ENV = "HYPERDISTILL_TEST_TEACHER_TOKEN"

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from hyperdistill.common.teacher_process import TeacherProcess, free_port
 from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
 from hyperdistill.teacher_service.probe_client import ProbeClient
 from hyperdistill.trainer import metrics
@@ -30,6 +29,7 @@ from hyperdistill.trainer.teacher_client import (
     TeacherUnavailableError,
 )
 from tests.conftest import adopt, start_teacher
+from tests.devtools.teacher_process import TeacherProcess, free_port
 from tests.helpers import ATOL, VOCAB, random_ids, scrape_metrics
 
 TOP_K = 4

@@ -11,9 +11,9 @@ from jinja2.exceptions import TemplateError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hyperdistill.common import tiny_models
-from hyperdistill.common.tiny_models import STAMP_FILE, TinyModels, ensure_tiny_models
 from hyperdistill.common.tokenizer import load_tokenizer, qwen_tokenizer_dir, tokenizer_fingerprint
+from tests.devtools import tiny_models
+from tests.devtools.tiny_models import STAMP_FILE, TinyModels, ensure_tiny_models
 
 VOCAB_SIZE = 151936
 

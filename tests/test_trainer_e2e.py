@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from hyperdistill.common.teacher_process import free_port
 from tests.conftest import ROOT, start_teacher
+from tests.devtools.teacher_process import free_port
 from tests.helpers import scrape_metrics
 
 TRAINER_CPU_CONFIG = ROOT / "deploy/configs/trainer.cpu.yaml"

@@ -44,7 +44,7 @@ def _overrides(student: Path, cache: Path, steps: int | None = None) -> list[str
 
 
 def _train(run_dir: Path, overrides: list[str], in_memory: bool = False) -> list[dict]:
-    from hyperdistill.common.teacher_process import free_port
+    from tests.devtools.teacher_process import free_port
 
     run_dir.mkdir(parents=True, exist_ok=True)
     entry = ["-m", "tests.bench.bench_cache", "--in-memory"] if in_memory else ["-m", "hyperdistill.trainer"]
@@ -73,8 +73,8 @@ def _train(run_dir: Path, overrides: list[str], in_memory: bool = False) -> list
 
 
 def run(out: Path, repeats: int) -> dict:
-    from hyperdistill.common.teacher_process import TeacherProcess
-    from hyperdistill.common.tiny_models import ensure_demo_teacher, ensure_tiny_models
+    from tests.devtools.teacher_process import TeacherProcess
+    from tests.devtools.tiny_models import ensure_demo_teacher, ensure_tiny_models
     from tests.helpers import scrape_metrics
 
     student = ensure_tiny_models().student

@@ -25,10 +25,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hyperdistill.common.codec import TopK
-from hyperdistill.common.tiny_models import ensure_demo_teacher
 from hyperdistill.trainer.loss import topk_kl_loss, topk_kl_per_position
 from hyperdistill.trainer.teacher_cache import ENCODINGS, bytes_per_position, decode, encode
 from tests.bench.bench_common import TOP_K, _tiny, demo_sequences
+from tests.devtools.tiny_models import ensure_demo_teacher
 
 SHARPEN = (1.0, 3.0)
 

@@ -144,6 +144,6 @@ def demo_sequences(total_positions: int) -> list[np.ndarray]:
 
 
 def _tiny():
-    from hyperdistill.common.tiny_models import ensure_tiny_models
+    from tests.devtools.tiny_models import ensure_tiny_models
 
     return ensure_tiny_models()

@@ -35,9 +35,9 @@ def load_sequences(path: str) -> list[np.ndarray]:
 
 async def serve_passes(sequences: list[np.ndarray]) -> None:
     from hyperdistill.common.config import load_config
-    from hyperdistill.common.tiny_models import ensure_tiny_models
     from hyperdistill.teacher_service.config import TeacherConfig
     from hyperdistill.teacher_service.engine_factory import build_engine
+    from tests.devtools.tiny_models import ensure_tiny_models
 
     config = load_config(TeacherConfig, TEACHER_CPU_CONFIG, [f"engine.model={ensure_tiny_models().teacher}"])
     engine = await build_engine(config.engine)

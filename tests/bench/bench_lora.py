@@ -42,8 +42,8 @@ SEQ_LEN = 2048
 
 def demo_config():
     from hyperdistill.common.config import load_config
-    from hyperdistill.common.tiny_models import ensure_tiny_models
     from hyperdistill.trainer.config import TrainerConfig
+    from tests.devtools.tiny_models import ensure_tiny_models
 
     return load_config(TrainerConfig, TRAINER_CPU_CONFIG, [f"student.path={ensure_tiny_models().student}"])
 

@@ -67,7 +67,7 @@ def peer_passes(
 ) -> None:
     """With ``vllm serve`` and (for P3) the in-process engine up beside our server: the JSON pass
     over the P2 sequences, then the P3 rounds, one pass per path each, in rotating order."""
-    from hyperdistill.common.teacher_process import free_port
+    from tests.devtools.teacher_process import free_port
 
     with contextlib.ExitStack() as stack:
         http = VllmServe(model, free_port(), out / "vllm_serve.log", TOP_K).start()
@@ -174,9 +174,9 @@ def p3(data: TeacherData, positions: int) -> dict:
 def teacher_measures(report, out: Path, args, selected: set[str]) -> None:
     """P1-P4 in the order that shares servers: our server alone for the recorded pass and P4's
     trainer runs, then ``vllm serve`` and the in-process engine beside it for the JSON pass and P3."""
-    from hyperdistill.common.teacher_process import TeacherProcess
-    from hyperdistill.common.tiny_models import ensure_tiny_models
     from tests.bench.bench_common import TEACHER_CPU_CONFIG, demo_sequences
+    from tests.devtools.teacher_process import TeacherProcess
+    from tests.devtools.tiny_models import ensure_tiny_models
 
     teacher_model = ensure_tiny_models().teacher
     record = bool(selected & {"P1", "P2", "P4"})

@@ -30,7 +30,7 @@ from tests.bench.bench_common import ROOT, TRAINER_CPU_CONFIG, summarize
 
 
 def trainer_command(run_dir: Path, address: str, student: Path, steps: int, *overrides: str) -> list[str]:
-    from hyperdistill.common.teacher_process import free_port
+    from tests.devtools.teacher_process import free_port
 
     phases = f"phases=[{{name: main, lr: 0.002, epochs: 100, warmup_steps: 0, max_steps: {steps}}}]"
     return [
@@ -84,10 +84,10 @@ def training_sequences() -> list:
     """The token ids the trainer will ask the teacher for: every prepared demo example (int32 [T])."""
     import numpy as np
 
-    from hyperdistill.common.tiny_models import ensure_tiny_models
     from hyperdistill.common.tokenizer import load_tokenizer
     from hyperdistill.trainer.data.prepare import load_prepared
     from tests.bench.bench_common import trainer_data_config
+    from tests.devtools.tiny_models import ensure_tiny_models
 
     dataset = load_prepared(trainer_data_config(), load_tokenizer(ensure_tiny_models().student))
     return [np.asarray(ids, dtype=np.int32) for ids in dataset["input_ids"]]
@@ -141,9 +141,9 @@ def run(out: Path, steps: int, teacher_address: str, teacher_positions_per_s: fl
     """The three runs (real teacher: prefetch on, off; replay: prefetch on) and their summaries."""
     import yaml
 
-    from hyperdistill.common.teacher_process import free_port
-    from hyperdistill.common.tiny_models import ensure_tiny_models
     from tests.bench.bench_replay import ReplayProcess
+    from tests.devtools.teacher_process import free_port
+    from tests.devtools.tiny_models import ensure_tiny_models
 
     student = ensure_tiny_models().student
     prefetch = yaml.safe_load(TRAINER_CPU_CONFIG.read_text())["teacher"]["prefetch_batches"]

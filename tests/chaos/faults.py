@@ -39,9 +39,9 @@ import psutil
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from hyperdistill.common.teacher_process import TeacherProcess
-from hyperdistill.common.tiny_models import TinyModels
 from hyperdistill.trainer.checkpoint import complete_checkpoints
+from tests.devtools.teacher_process import TeacherProcess
+from tests.devtools.tiny_models import TinyModels
 from tests.test_trainer_e2e import TEACHER_OVERRIDES, losses, trained_batches, trainer_command
 
 ROOT = Path(__file__).resolve().parents[2]

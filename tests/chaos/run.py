@@ -19,11 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hyperdistill.common.teacher_process import TeacherProcess
-from hyperdistill.common.tiny_models import ensure_tiny_models
 from tests.chaos.bad_input import format_bad_input, run_bad_input
 from tests.chaos.faults import FaultBench, fault_ok, format_faults, run_faults
 from tests.chaos.load import CLIENT_MASKED, run_load, run_sigterm_under_load, server_internal_errors
+from tests.devtools.teacher_process import TeacherProcess
+from tests.devtools.tiny_models import ensure_tiny_models
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy/configs/teacher.cpu.yaml"

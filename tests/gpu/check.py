@@ -75,7 +75,7 @@ def student_config(widths: str, num_experts: int | None = None) -> dict:
     """Qwen3NextConfig kwargs: ``real``, the Qwen3-Coder-Next widths with 4 layers (3 DeltaNet + 1
     attention), or ``tiny``, the tiny student's widths; ``num_experts`` shrinks the MoE (a smoke run of
     the real widths on CPU)."""
-    from hyperdistill.common.tiny_models import BOS_ID, EOS_ID, STUDENT_CONFIG
+    from tests.devtools.tiny_models import BOS_ID, EOS_ID, STUDENT_CONFIG
 
     if widths == "tiny":
         config = dict(STUDENT_CONFIG)
@@ -109,7 +109,7 @@ def write_student(model_dir: Path, config: dict, cpu: bool, shard_size: str) -> 
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
     from hyperdistill.common.dirs import replace_dir
-    from hyperdistill.common.tiny_models import _save_model
+    from tests.devtools.tiny_models import _save_model
 
     key = {
         "config": config,

@@ -27,11 +27,11 @@ import numpy as np
 
 from hyperdistill.common.codec import TopK
 from hyperdistill.common.dirs import dir_lock
-from hyperdistill.common.teacher_process import TeacherProcess
-from hyperdistill.common.tiny_models import ensure_tiny_models
 from hyperdistill.common.tokenizer import load_tokenizer
 from hyperdistill.teacher_service.probe_client import ProbeClient
 from hyperdistill.trainer.data.render import render_trajectory
+from tests.devtools.teacher_process import TeacherProcess
+from tests.devtools.tiny_models import ensure_tiny_models
 from tests.learn_bench import task
 from tests.learn_bench.teachers import MAX_LENGTH, TOP_K, Factors, cache_root, ensure_teachers
 

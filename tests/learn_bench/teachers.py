@@ -30,13 +30,13 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3NextForCausalLM
 
 from hyperdistill.common.dirs import dir_lock, replace_dir
-from hyperdistill.common.tiny_models import build_lora_teacher, default_cache_dir, ensure_tiny_models
 from hyperdistill.common.tokenizer import load_tokenizer
 from hyperdistill.trainer.data.render import render_trajectory
 from hyperdistill.trainer.data.sampler import Batch, collate
 from hyperdistill.trainer.hypernetwork import find_targets
 from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora, wrap_targets
 from hyperdistill.trainer.loss import topk_kl_loss
+from tests.devtools.tiny_models import build_lora_teacher, default_cache_dir, ensure_tiny_models
 from tests.learn_bench import task
 
 log = logging.getLogger(__name__)

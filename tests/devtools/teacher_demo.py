@@ -1,6 +1,6 @@
 """Local demo: start the teacher on the tiny model, score sample sequences, stop it.
 
-``python -m hyperdistill.teacher_service.demo --config deploy/configs/teacher.cpu.yaml``
+``python -m tests.devtools.teacher_demo --config deploy/configs/teacher.cpu.yaml``
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 
 from hyperdistill.common.codec import bytes_per_position
 from hyperdistill.common.log import setup_logging
-from hyperdistill.common.teacher_process import TeacherProcess
-from hyperdistill.common.tiny_models import ensure_tiny_models
 from hyperdistill.common.tokenizer import load_tokenizer
 from hyperdistill.teacher_service.probe_client import ProbeClient
+from tests.devtools.teacher_process import TeacherProcess
+from tests.devtools.tiny_models import ensure_tiny_models
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Tiny random Qwen3 teacher and student checkpoints for CPU tests and local runs.
 
-`python -m hyperdistill.common.tiny_models [--out DIR] [--force]` builds, offline and
+`python -m tests.devtools.tiny_models [--out DIR] [--force]` builds, offline and
 deterministically, a 2-layer `Qwen3MoeForCausalLM` teacher (the Qwen3-Coder-480B family)
 and a 4-layer `Qwen3NextForCausalLM` student (Qwen3-Coder-Next: three Gated DeltaNet
 layers then one gated-attention layer). Both keep the real padded vocabulary (151,936),
@@ -49,7 +49,7 @@ from hyperdistill.common.tokenizer import qwen_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "common/chat_template.jinja"
 CACHE_ENV = "HYPERDISTILL_CACHE_DIR"
 STAMP_FILE = "stamp.json"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
@@ -118,7 +118,7 @@ class TinyModels:
 def default_cache_dir() -> Path:
     """`$HYPERDISTILL_CACHE_DIR/tiny-models`, else `<repo root>/.cache/tiny-models`."""
     base = os.environ.get(CACHE_ENV)
-    root = Path(base) if base else Path(__file__).resolve().parent.parent / ".cache"
+    root = Path(base) if base else Path(__file__).resolve().parents[2] / ".cache"
     return root / "tiny-models"
 
 

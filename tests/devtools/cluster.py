@@ -13,8 +13,8 @@ trains on ``cache.trainer_gpus`` (all of them) from the cache alone, with the te
 Services whose GPUs overlap must never start together: they share no compose profile and neither
 depends on the other; every GPU service has a profile (one without runs with every profile).
 
-    python -m hyperdistill.common.cluster check   # layout + configs + compose + Prometheus targets
-    python -m hyperdistill.common.cluster show    # the derived values, one KEY=VALUE a line
+    python -m tests.devtools.cluster check   # layout + configs + compose + Prometheus targets
+    python -m tests.devtools.cluster show    # the derived values, one KEY=VALUE a line
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import yaml
 
 from hyperdistill.common.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = ROOT / "deploy/cluster.yaml"
 COMPOSE = ROOT / "deploy/compose.yaml"
 PROMETHEUS = ROOT / "deploy/prometheus/prometheus.yml"

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from hyperdistill.common.log import setup_logging
-from hyperdistill.common.teacher_process import TeacherProcess, free_port
-from hyperdistill.common.tiny_models import ensure_demo_teacher, ensure_tiny_models
+from tests.devtools.teacher_process import TeacherProcess, free_port
+from tests.devtools.tiny_models import ensure_demo_teacher, ensure_tiny_models
 
 logger = logging.getLogger(__name__)
 
