@@ -34,3 +34,15 @@ ENGINE_BATCH_SEQUENCES = Histogram(
 )
 ENGINE_ERRORS = Counter("teacher_engine_errors_total", "Engine failures while scoring a request.", ["engine"])
 ACTIVE_STREAMS = Gauge("teacher_active_streams", "Open Score streams.")
+
+# Every status a request can end with (`scoring`): each series exists from the start at 0, so a
+# panel or an alert on errors shows 0 rather than "no data" until the first one.
+STATUSES = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED", "INTERNAL")
+
+
+def initialise(engine: str) -> None:
+    """Create the labelled series of a serving teacher at 0 (``engine``: the engine's name)."""
+    for status in STATUSES:
+        REQUESTS.labels(status=status)
+        POSITIONS.labels(status=status)
+    ENGINE_ERRORS.labels(engine=engine)

@@ -22,6 +22,7 @@ from hyperdistill.common.metrics import start_metrics_server
 from hyperdistill.common.security import BearerTokenInterceptor, read_token, server_credentials
 from hyperdistill.common.stubs import teacher_pb2 as pb
 from hyperdistill.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from hyperdistill.teacher_service import metrics
 from hyperdistill.teacher_service.config import ServerConfig, TeacherConfig
 from hyperdistill.teacher_service.engine_factory import build_engine
 from hyperdistill.teacher_service.scoring import Admission, Limits, max_request_bytes
@@ -78,6 +79,7 @@ async def serve(config: TeacherConfig) -> None:
         engine, fingerprint = await _load(config, stop)
         if engine is not None:
             servicer.ready(engine, _limits(config, engine), fingerprint)
+            metrics.initialise(engine.info.name)
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, _SERVING)
             logger.info("SERVING %s (engine %s, tokenizer %s)", engine.info.model, engine.info.name, fingerprint[:12])

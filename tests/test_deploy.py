@@ -624,19 +624,22 @@ def _scrape(url: str) -> list:
     return list(text_string_to_metric_families(urllib.request.urlopen(url, timeout=10).read().decode()))
 
 
-def exported_metrics(families: list) -> set[str]:
-    """Every name a query may use: samples, and families declared without samples yet
-    (a labelled counter before its first increment), with their counter/histogram suffixes."""
-    names = set()
-    for family in families:
-        names |= {family.name, *(sample.name for sample in family.samples)}
-        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ())
-        names |= {family.name + suffix for suffix in suffixes}
-    return names
-
-
 def _values(families: list) -> dict[str, float]:
     return {sample.name: sample.value for family in families for sample in family.samples}
+
+
+def sampled_metrics(families: list) -> set[str]:
+    """Names that have samples: what a query returns data for (a labelled family that was never
+    given its labels is exported by name but has none, so its panel shows "no data")."""
+    return {sample.name for family in families for sample in family.samples}
+
+
+def _sample(families: list, name: str, **labels: str) -> float:
+    """The value of the one sample ``name`` whose labels include ``labels``."""
+    (value,) = [
+        s.value for family in families for s in family.samples if s.name == name and labels.items() <= s.labels.items()
+    ]
+    return value
 
 
 def _free_port_run(count: int) -> int:
@@ -674,7 +677,8 @@ def _trainer_command(teacher_address: str, student: Path, tmp_path: Path, port: 
         "metrics.host=127.0.0.1",
         f"metrics.port={port}",
         "wandb.mode=disabled",
-        "eval.held_out=0",
+        # Two held-out examples (the fewest): the evaluation at the start sets the trainer_eval_* gauges.
+        "eval.held_out=2",
         f"data.cache_dir={tmp_path / 'data'}",
         "data.token_budget=2048",
         # Long enough to be scraped while it runs; stopped by the test.
@@ -682,10 +686,8 @@ def _trainer_command(teacher_address: str, student: Path, tmp_path: Path, port: 
     ]
 
 
-def _scrape_running_trainer(
-    process: subprocess.Popen, log: Path, urls: list[str], timeout: float = 600
-) -> list[set[str]]:
-    """Each rank's exported names once it has made a step and saved a checkpoint."""
+def _scrape_running_trainer(process: subprocess.Popen, log: Path, urls: list[str], timeout: float = 600) -> list[list]:
+    """Each rank's metric families once it has made a step and saved a checkpoint."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, f"trainer exited with {process.returncode}:\n{log.read_text()[-3000:]}"
@@ -697,7 +699,7 @@ def _scrape_running_trainer(
         if values and all(
             v.get("trainer_step", 0) >= 1 and "trainer_last_checkpoint_timestamp_seconds" in v for v in values
         ):
-            return [exported_metrics(families) for families in scrapes]
+            return scrapes
         time.sleep(1)
     raise TimeoutError(f"trainer ranks did not report a step and a checkpoint within {timeout:.0f} s")
 
@@ -748,18 +750,35 @@ def test_every_queried_metric_is_exported_and_health_checks_pass(
         assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
     finally:
         _stop_group(process)
-    assert trainer[0] == trainer[1], "every rank exports the same metrics"
+    assert sampled_metrics(trainer[0]) == sampled_metrics(trainer[1]), "every rank exports the same metrics"
     _wait_teacher_idle(vllm_teacher.metrics_url)  # the session's teacher, shared with later tests
-    teacher = exported_metrics(_scrape(vllm_teacher.metrics_url))
+    teacher_families = _scrape(vllm_teacher.metrics_url)
     assert _teacher_health_check(rendered_compose, vllm_teacher.address, deployment) == 0
 
-    sources = {"teacher.json": teacher, "trainer.json": trainer[0]}
+    # Every series a panel or an alert queries has samples after a short clean run: none shows
+    # "no data" (error counters exist at 0 from the start).
+    teacher, trainer_names = sampled_metrics(teacher_families), sampled_metrics(trainer[0])
+    sources = {"teacher.json": teacher, "trainer.json": trainer_names}
     queries = {path.name: _dashboard_queries(path) for path in DASHBOARDS}
     queries["alerts.yml"] = [rule["expr"] for rule in _alert_rules().values()]
     missing = {}
     for source, exprs in queries.items():
-        available = sources.get(source, teacher | trainer[0]) | PROMETHEUS_SERIES
+        available = sources.get(source, teacher | trainer_names) | PROMETHEUS_SERIES
         names = set().union(*map(queried_metrics, exprs))
         assert len(names) >= 5, f"{source}: only {names} found; is the extraction broken?"
         missing.update({name: source for name in names - available})
-    assert not missing, f"queried but not exported: {missing}"
+    assert not missing, f"queried but without samples after a short run: {missing}"
+
+    # The counters that a run moves moved, on every rank; those of failures did not.
+    for rank, families in enumerate(trainer):
+        for name in ("trainer_tokens_total", "trainer_step_seconds_count", "trainer_teacher_wait_seconds_count"):
+            assert _sample(families, name, rank=str(rank)) > 0, (rank, name)
+        for name in ("trainer_teacher_retries_total", "trainer_teacher_failures_total"):
+            assert _sample(families, name, rank=str(rank)) == 0, (rank, name)
+        assert _sample(families, "trainer_eval_kl", rank=str(rank), arm="none") > 0
+    for name in ("teacher_requests_total", "teacher_positions_total"):
+        assert _sample(teacher_families, name, status="OK") > 0, name
+        assert _sample(teacher_families, name, status="INTERNAL") == 0, name
+    assert _sample(teacher_families, "teacher_engine_errors_total") == 0
+    for name in ("teacher_response_bytes_total", "teacher_request_latency_seconds_count", "vllm:prompt_tokens_total"):
+        assert _sample(teacher_families, name) > 0, name
