@@ -227,3 +227,11 @@ def test_an_adapter_of_some_module_types_is_the_lora_without_the_others(exported
             PeftModel.from_pretrained(student(tiny_models.student), str(tmp_path / "sub")).eval()(input_ids=ids).logits
         )
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_vllm_target_modules_cover_every_module_type_of_the_adapter():
+    # vLLM loads q/k/v into its fused qkv_proj (gate/up into gate_up_proj) and silently drops an
+    # adapter's module types its --lora-target-modules lacks: adapt prints the list that covers them.
+    targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "linear_attn.in_proj_ba", "mlp.up_proj"]
+    assert adapt.vllm_target_modules(targets) == ["gate_up_proj", "in_proj_ba", "qkv_proj"]
+    assert adapt.vllm_target_modules(["o_proj", "out_proj"]) == ["o_proj", "out_proj"]

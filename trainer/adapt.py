@@ -72,6 +72,24 @@ def peft_config(adapter: Adapter, base_model: str, modules: list[str] | None = N
     }
 
 
+# vLLM fuses these projections into one layer and loads their LoRAs there (its packed_modules_mapping).
+VLLM_PACKED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def vllm_target_modules(target_modules: list[str]) -> list[str]:
+    """vLLM's ``--lora-target-modules`` for an adapter whose ``target_modules`` (module names without
+    their parent, ``q_proj`` or ``self_attn.q_proj``) are these. vLLM loads an adapter with module
+    types its list lacks without a word and drops their update, so the list must cover all of them."""
+    names = {name.rsplit(".", 1)[-1] for name in target_modules}
+    return sorted({VLLM_PACKED.get(name, name) for name in names})
+
+
 def only_modules(lora: GeneratedLoRA, modules: list[str]) -> GeneratedLoRA:
     """``lora`` on the targets of the module types ``modules`` only (e.g. those a server supports)."""
     kinds = {w.kind for w in lora.weights.values()}
@@ -167,6 +185,12 @@ def main(argv: list[str] | None = None) -> None:
             lora = only_modules(lora, args.modules) if args.modules else lora
             save_adapter(lora, config, out, overwrite=args.overwrite)
             logger.info("adapter written to %s", out)
+        logger.info(
+            "to serve with vLLM: --enable-lora --max-lora-rank %d --lora-target-modules %s "
+            "(every module type of the adapter: vLLM drops the update of those its list lacks)",
+            config["r"],
+            " ".join(vllm_target_modules(config["target_modules"])),
+        )
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
 
