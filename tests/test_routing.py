@@ -1,17 +1,20 @@
 """``hypernetwork.kind: routed`` and its schedule (trainer/routing.py) on the tiny student: the probe,
-clustering, router pre-training, the switch to hard routing, checkpoints, the Trainer's refusal."""
+clustering, router pre-training, the switch to hard routing, checkpoints, and the Trainer's
+`RoutingSchedule` on one process (tests/test_routed_trainer.py runs it under torchrun)."""
 
 from __future__ import annotations
+
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hyperdistill.common.config import load_config
-from hyperdistill.trainer.config import TrainerConfig
 from hyperdistill.trainer.hypernetwork import HyperLoRAConfig, RoutedHyperLoRA, StaticLoRA, build_hyper_lora
 from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora
 from hyperdistill.trainer.routing import (
     Bootstrap,
+    RoutingSchedule,
     cluster,
     pretrain_router,
     purity,
@@ -19,8 +22,6 @@ from hyperdistill.trainer.routing import (
     route,
     set_routing,
 )
-from hyperdistill.trainer.train import Trainer
-from tests.learn_bench.run import CONFIG
 
 SMALL = dict(
     kind="routed",
@@ -257,7 +258,32 @@ def test_schedule_helpers_and_config():
             HyperLoRAConfig(kind="routed", **bad)
 
 
-def test_trainer_refuses_routed():
-    cfg = load_config(TrainerConfig, CONFIG, overrides=["hypernetwork.kind=routed"])
-    with pytest.raises(ValueError, match="learn-bench"):
-        Trainer(cfg).setup()
+def test_trainer_schedule_on_one_process_is_route(student, tmp_path):
+    """`RoutingSchedule` (what the Trainer calls) on a plain adapter: the probe and records during the
+    bootstrap, a state that round-trips, and at step K the same adapter as `route` gives."""
+    ref, ours = routed_adapter(student), routed_adapter(student)
+    schedule = RoutingSchedule(ours, seed=0, run_dir=tmp_path)
+    assert not any(p.requires_grad for m in (ours.encoder, ours.router) for p in m.parameters())
+    ref.probe, boot = True, Bootstrap()
+    for step in range(2):
+        assert not schedule.before_step(step) and ours.probe
+        ids, mask = prompts(4, seed=step)
+        for adapter in (ref, ours):
+            hidden(student, adapter(ids, mask), ids).square().mean().backward()
+        boot.record(ref, ids, mask)
+        schedule.after_backward(SimpleNamespace(prompt_ids=ids, prompt_mask=mask))
+    state = schedule.state_dict()
+    schedule.load_state_dict(None)
+    assert schedule.state_dict() == {"features": [], "prompts": []}
+    schedule.load_state_dict(state)
+    labels = route(ref, boot)
+    assert schedule.before_step(2) and ours.routed and not ours.probe
+    assert schedule.state_dict() == {"features": [], "prompts": []}
+    for (name, p), q in zip(ref.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    record = json.loads((tmp_path / "routing_rank0.json").read_text())
+    assert record["step"] == 2 and record["cluster_sizes"] == labels.bincount(minlength=4).tolist()
+    ids = torch.stack(boot.prompts)
+    assert record["experts"] == ref.experts(ids, torch.ones_like(ids, dtype=torch.bool)).tolist()
+    assert not schedule.before_step(3)
+    assert [schedule.lr_factor(s) for s in (1, 2, 3)] == [1.0, 0.1, 0.2]  # route_rewarm_steps: 10

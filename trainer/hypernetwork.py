@@ -54,7 +54,8 @@ gradient's argmin over the experts' gates all collapsed or stayed near the stati
 clustering the prompt encoder's features instead of the gradients gives groups of purity ~0.33.
 K matters: with K = 30 the clusters are less pure (held-out purity 0.78) and the arm closes
 45.5%. The probe gradients separate the families because each family's teacher wants its own
-LoRA_c. The distributed `Trainer` does not run this schedule yet and refuses ``kind: routed``.
+LoRA_c. The distributed `Trainer` runs the same schedule on the FSDP2-sharded adapter
+(`trainer.routing.RoutingSchedule`).
 
 Cost: per target r * (in + out) bank parameters (a static LoRA's) and n generated gates per
 prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies, as before.
@@ -327,8 +328,8 @@ class HyperLoRAConfig:
     kind: str = "hyper"
     """``hyper``: a LoRA generated per prompt by gates from the trunk; ``routed``: one expert per
     prompt, chosen by a router on the prompt encoder (`RoutedHyperLoRA`; trained by the
-    bootstrap / cluster / pre-train schedule of `trainer.routing`, which only the learn-bench runs
-    today); ``static``: one LoRA per target shared by every prompt (the baseline; the encoder
+    bootstrap / cluster / pre-train schedule of `trainer.routing`, in the `Trainer` and the
+    learn-bench); ``static``: one LoRA per target shared by every prompt (the baseline; the encoder
     fields are then unused)."""
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Target module names, matched as suffixes of the student's module names; one head each."""

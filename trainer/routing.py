@@ -9,24 +9,36 @@
     steps K..     hard routing, one expert per prompt; a fresh optimizer whose learning rate is
                   ramped back over ``route_rewarm_steps`` (`rewarm_factor`)
 
-`route` runs step K. Why probe gradients: dL_b / dP (P an extra rank-r B added to the bank's A)
-is the direction in which sample b wants the adapter's update to move; samples of the same
-family want the same LoRA_c, so their gradients cluster by family (held-out purity 95-98% on
-learn-bench), where the prompts' own encoder features do not (~0.33). See `trainer.hypernetwork`.
-Only the learn-bench (tests/learn_bench/run.py) runs this schedule today; the distributed
-`Trainer` refuses ``kind: routed``.
+`route` runs step K on a plain module (the learn-bench, tests/learn_bench/run.py). Why probe
+gradients: dL_b / dP (P an extra rank-r B added to the bank's A) is the direction in which sample
+b wants the adapter's update to move; samples of the same family want the same LoRA_c, so their
+gradients cluster by family (held-out purity 95-98% on learn-bench), where the prompts' own
+encoder features do not (~0.33). See `trainer.hypernetwork`.
+
+The distributed `Trainer` runs the schedule through `RoutingSchedule` (``before_step``,
+``after_backward``, ``lr_factor``, ``state_dict``). Its adapter is FSDP2-sharded: each rank
+records its own samples (the probe is a per-forward leaf tensor, not a parameter, so its gradient
+stays on the rank), and at step K `route_distributed` gathers every rank's records, clusters and
+pre-trains on rank 0 a plain copy of the encoder and router built from their full tensors
+(`RouterCopy`: ``adapter.logits`` outside the root forward would see only the shards), scatters
+the result into every rank's shards and sets routing on every rank.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights
 
@@ -209,9 +221,7 @@ def route(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int = 0) -> torc
     """Step K: cluster the bootstrap's probe gradients, pre-train the router on the labels, set
     routing (the caller then rebuilds its optimizer). Returns the cluster labels [N]."""
     cfg = adapter.config
-    labels = cluster(
-        torch.cat(bootstrap.features), cfg.experts, dims=cfg.cluster_dims, restarts=cfg.cluster_restarts, seed=seed
-    )
+    labels = cluster_labels(torch.cat(bootstrap.features), cfg, seed)
     ce = pretrain_router(
         adapter,
         bootstrap.prompts,
@@ -229,3 +239,206 @@ def route(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int = 0) -> torc
         ce,
     )
     return labels
+
+
+# ---- the distributed Trainer (FSDP2) ---------------------------------------------------------------
+class RouterCopy(nn.Module):
+    """A plain (unsharded) copy of a routed adapter's encoder and router, from their full tensors:
+    what the router pre-training trains when the adapter is FSDP2-sharded. Building it is
+    collective then (every rank all-gathers the same tensors)."""
+
+    def __init__(self, adapter: RoutedHyperLoRA):
+        from hyperdistill.trainer.hypernetwork import PromptEncoder  # that module imports this one
+
+        super().__init__()
+        cfg = adapter.config
+        with torch.device("meta"):  # no initialisation, no draw from the run's random stream
+            self.encoder = PromptEncoder(cfg, adapter.encoder._embed)
+            self.router = nn.Linear(cfg.encoder_dim, cfg.experts)
+        self.to_empty(device=adapter.routing_set.device)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                source = adapter.get_parameter(name)
+                param.copy_(source.full_tensor() if isinstance(source, DTensor) else source)
+
+    def logits(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Router logits float32 [B, n], as `RoutedHyperLoRA.logits`."""
+        return self.router(self.encoder(prompt_ids, prompt_mask))
+
+    @torch.no_grad()
+    def experts(self, prompts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
+        """The expert each 1-D prompt is routed to, int64 [N], in batches of ``batch_size``."""
+        device, out = self.router.weight.device, []
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = pad_prompts(prompts[start : start + batch_size])
+            out.append(self.logits(ids.to(device), mask.to(device)).argmax(-1).cpu())
+        return torch.cat(out)
+
+    def copy_into(self, adapter: RoutedHyperLoRA) -> None:
+        """Collective: rank 0's weights into every rank's shards of ``adapter`` (scattered from
+        rank 0, so every rank ends with the same full tensors), or into a plain adapter."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                target = adapter.get_parameter(name)
+                if isinstance(target, DTensor):
+                    rows = distribute_tensor(param.detach(), target.device_mesh, target.placements)
+                    target.to_local().copy_(rows.to_local())
+                else:
+                    target.copy_(param)
+
+
+@dataclass
+class Routed:
+    """What the switch found, for every bootstrap prompt of every rank (rank 0's first)."""
+
+    labels: torch.Tensor
+    """The cluster of each prompt's probe gradient, int64 [N]."""
+    cross_entropy: float
+    """The router pre-training's last batch cross-entropy."""
+    experts: torch.Tensor
+    """The expert each prompt is routed to afterwards (this rank's weights), int64 [N]."""
+
+    def record(self, step: int, experts: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "prompts": len(self.labels),
+            "cluster_sizes": self.labels.bincount(minlength=experts).tolist(),
+            "expert_sizes": self.experts.bincount(minlength=experts).tolist(),
+            "router_cross_entropy": self.cross_entropy,
+            "router_agreement": float((self.experts == self.labels).float().mean()),
+            "experts": self.experts.tolist(),
+        }
+
+
+def route_distributed(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int = 0) -> Routed:
+    """Step K with an FSDP2-sharded (or plain) adapter; collective, every rank passes its own
+    bootstrap. Gathers every rank's records, clusters them and pre-trains a `RouterCopy` on rank 0,
+    scatters its weights into every rank's shards and sets routing on every rank (the caller then
+    rebuilds its optimizer). On one process it gives what `route` gives."""
+    if isinstance(adapter, FSDPModule):
+        adapter.reshard()  # a forward without backward (an evaluation) leaves the root unsharded
+    cfg = adapter.config
+    mine = torch.cat(bootstrap.features) if bootstrap.features else None
+    parts = _all_gather((mine, bootstrap.prompts))
+    prompts = [p for _, rank_prompts in parts for p in rank_prompts]
+    copy = RouterCopy(adapter)
+    labels, ce = None, None
+    if _rank() == 0:
+        labels = cluster_labels(torch.cat([f for f, _ in parts if f is not None]), cfg, seed)
+        ce = pretrain_router(
+            copy,
+            prompts,
+            labels,
+            steps=cfg.router_pretrain_steps,
+            lr=cfg.router_pretrain_lr,
+            batch_size=cfg.router_pretrain_batch,
+            seed=seed,
+        )
+    labels, ce = _broadcast((labels, ce))
+    copy.copy_into(adapter)
+    set_routing(adapter)
+    gathered = RouterCopy(adapter)  # what this rank's forward now sees: its shards all-gathered
+    pairs = zip(copy.parameters(), gathered.parameters(), strict=True)
+    if _rank() == 0 and not all(torch.equal(p, q) for p, q in pairs):
+        raise RuntimeError("route_distributed: the sharded encoder / router differ from the pre-trained copy")
+    return Routed(labels, ce, gathered.experts(prompts, cfg.router_pretrain_batch))
+
+
+def cluster_labels(features: torch.Tensor, cfg, seed: int) -> torch.Tensor:
+    """`cluster` of the bootstrap's probe gradients [N, D] into ``cfg.experts`` groups (`HyperLoRAConfig`)."""
+    if len(features) < cfg.experts:
+        raise ValueError(
+            f"routing: {len(features)} bootstrap samples cannot be clustered into {cfg.experts} experts "
+            "(raise hypernetwork.route_after_steps)"
+        )
+    return cluster(features, cfg.experts, dims=cfg.cluster_dims, restarts=cfg.cluster_restarts, seed=seed)
+
+
+class RoutingSchedule:
+    """``hypernetwork.kind: routed`` in the distributed `Trainer` (steps counted over the whole run):
+
+    - ``before_step(step)``, before a step's micro-batches: at step K = ``route_after_steps``
+      (or the first step after it that finds routing unset) `route_distributed`; True then, and the
+      trainer builds a fresh optimizer. Sets ``adapter.probe`` while routing is unset.
+    - ``after_backward(batch)``: before routing, `Bootstrap.record` of this rank's samples.
+    - ``lr_factor(step)``: `rewarm_factor`, on top of the phase's learning rate.
+    - ``state_dict()`` / ``load_state_dict()``: this rank's bootstrap records (tensors and lists of
+      them: the per-rank train state of a checkpoint); routing itself is the adapter's
+      ``routing_set`` buffer and its weights.
+
+    The encoder and router are frozen from the start: the main optimizer never trains them (their
+    gates are 1 until routing is set, so they get no gradient; the pre-training trains a copy), and
+    their having no optimizer state before and after the switch alike keeps a checkpoint's
+    optimizer state loadable into the freshly built optimizer of a resumed run.
+    The switch is logged and written to ``<run_dir>/routing_rank<r>.json`` (`Routed.record`).
+    """
+
+    def __init__(self, adapter: RoutedHyperLoRA, seed: int, run_dir: str | Path):
+        self.adapter, self.seed, self.run_dir = adapter, seed, Path(run_dir)
+        self.config = adapter.config
+        self.bootstrap = Bootstrap()
+        for module in (adapter.encoder, adapter.router):
+            module.requires_grad_(False)
+
+    def before_step(self, step: int) -> bool:
+        """Collective at the switch. True when routing was set now: the caller builds a fresh optimizer."""
+        switch = step >= self.config.route_after_steps and not self.adapter.routed
+        if switch:
+            routed = route_distributed(self.adapter, self.bootstrap, self.seed)
+            self.bootstrap = Bootstrap()
+            self._publish(routed.record(step, self.config.experts))
+        self.adapter.probe = not self.adapter.routed
+        return switch
+
+    def after_backward(self, batch) -> None:
+        """After a micro-batch's backward (``batch``: a `Batch`, with ``prompt_ids`` and ``prompt_mask``)."""
+        if not self.adapter.routed:
+            self.bootstrap.record(self.adapter, batch.prompt_ids, batch.prompt_mask)
+
+    def lr_factor(self, step: int) -> float:
+        return rewarm_factor(step, self.config.route_after_steps, self.config.route_rewarm_steps)
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {"features": list(self.bootstrap.features), "prompts": list(self.bootstrap.prompts)}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]] | None) -> None:
+        state = state or {}
+        self.bootstrap = Bootstrap(list(state.get("features", [])), list(state.get("prompts", [])))
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        rank = _rank()
+        if rank == 0:
+            log.info(
+                "routing set after step %d: %d prompts clustered into %s, routed to %s, router cross-entropy %.4f",
+                record["step"],
+                record["prompts"],
+                record["cluster_sizes"],
+                record["expert_sizes"],
+                record["router_cross_entropy"],
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / f"routing_rank{rank}.json").write_text(json.dumps(record) + "\n")
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -36,6 +36,7 @@ from hyperdistill.trainer.hypernetwork import Adapter, HyperLoRA
 from hyperdistill.trainer.lora import GeneratedLoRA, hyper_lora, lora_norms
 from hyperdistill.trainer.loss import topk_kl_loss
 from hyperdistill.trainer.model import build_models
+from hyperdistill.trainer.routing import RoutingSchedule
 from hyperdistill.trainer.teacher_client import CachedTeacher, TeacherClient, TeacherClientStats, connect_teacher
 from hyperdistill.trainer.tracking import RunLog
 
@@ -90,6 +91,8 @@ class Trainer:
     optimizer: torch.optim.AdamW
     teacher: TeacherClient | CachedTeacher | None
     checkpointer: Checkpointer
+    routing: RoutingSchedule | None
+    """``kind: routed``: the bootstrap / switch / re-warm schedule (`trainer.routing`); else None."""
     run_log: RunLog | None
     adapters: dict[str, torch.nn.Module]
     """The evaluation arms' adapters beside ``hyper`` (e.g. ``static``)."""
@@ -103,7 +106,7 @@ class Trainer:
         self.config = config
         self.step = self.phase_index = self.phase_step = 0
         self.sampler_state = None
-        self.teacher = self.run_log = self.metrics_server = None
+        self.teacher = self.run_log = self.metrics_server = self.routing = None
         self._steps_this_run = 0
         self._sigterm = False
         self._teacher_stats = TeacherClientStats()
@@ -111,17 +114,12 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        if cfg.hypernetwork.kind == "routed":
-            raise ValueError(
-                "hypernetwork.kind: routed is not supported by the Trainer yet: it needs the bootstrap / "
-                "cluster / router pre-training schedule of trainer.routing (probe gradients over the first "
-                "route_after_steps steps, then a switch to hard routing and a fresh optimizer), which only "
-                "the learn-bench runs today (tests/learn_bench/run.py, `make learn-bench`); use kind hyper or static"
-            )
         self.dist = init_distributed()
         _seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.student.path, cfg.student.chat_template)
         self.student, self.hyper = build_models(cfg, self.dist, self.tokenizer)
+        if cfg.hypernetwork.kind == "routed":  # before the optimizer's state is loaded: it freezes encoder + router
+            self.routing = RoutingSchedule(self.hyper, cfg.seed, cfg.run_dir)
         self.optimizer = build_optimizer(self.hyper, cfg.optim, cfg.phases[0].lr)
         self.teacher = connect_teacher(cfg.teacher)
         self.teacher.start(self.student.config.vocab_size, tokenizer_fingerprint(self.tokenizer))
@@ -152,6 +150,8 @@ class Trainer:
         self.step, self.phase_index, self.phase_step = state["step"], state["phase_index"], state["phase_step"]
         self.sampler_state = state["sampler"]
         _set_rng_state(state["rng"])
+        if self.routing is not None:
+            self.routing.load_state_dict(state.get("routing"))
 
     # ---- training -----------------------------------------------------------------------
     def train(self) -> None:
@@ -196,6 +196,8 @@ class Trainer:
             window.append(MicroBatch(batch, topk, waited))
             if len(window) < accumulation:
                 continue
+            if self.routing is not None and self.routing.before_step(self.step):
+                self.optimizer = build_optimizer(self.hyper, self.config.optim, phase.lr)
             stats = self.train_step(window, self._set_lr(phase, total))
             # Step time is wall time since the previous step ended: teacher waits included.
             stats.seconds = time.perf_counter() - started
@@ -242,6 +244,8 @@ class Trainer:
                 norms = lora_norms(lora)
             # FSDP averages gradients over ranks; the loss is already a global mean.
             (loss * world).backward()
+            if self.routing is not None:
+                self.routing.after_backward(micro.batch)
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.hyper.parameters(), self.config.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -260,8 +264,11 @@ class Trainer:
         )
 
     def _set_lr(self, phase: PhaseConfig, total: int) -> float:
-        """Set this step's learning rate on every parameter group; returns the base rate."""
+        """Set this step's learning rate on every parameter group; returns the base rate
+        (``kind: routed``: times the re-warm factor after the switch)."""
         lr = phase_lr(phase, self.phase_step, total)
+        if self.routing is not None:
+            lr *= self.routing.lr_factor(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         return lr
@@ -325,6 +332,7 @@ class Trainer:
             "phase_step": self.phase_step,
             "sampler": self.sampler_state,
             "rng": _rng_state(),
+            "routing": self.routing.state_dict() if self.routing is not None else None,
         }
         self.checkpointer.save(self.step, self.hyper, self.optimizer, state, config_to_dict(self.config))
         metrics.LAST_CHECKPOINT.labels(rank=self.dist.rank).set(self.checkpointer.last_save_time)
