@@ -17,6 +17,8 @@ from hyperdistill.trainer.routing import (
     RoutingSchedule,
     cluster,
     pretrain_router,
+    principal_components,
+    probe_features,
     purity,
     rewarm_factor,
     route,
@@ -287,3 +289,40 @@ def test_trainer_schedule_on_one_process_is_route(student, tmp_path):
     assert record["experts"] == ref.experts(ids, torch.ones_like(ids, dtype=torch.bool)).tolist()
     assert not schedule.before_step(3)
     assert [schedule.lr_factor(s) for s in (1, 2, 3)] == [1.0, 0.1, 0.2]  # route_rewarm_steps: 10
+
+
+def test_principal_components_of_row_blocks_are_the_svds():
+    # The clustering reads the Gram matrix of the blocks, summed over column chunks, never the
+    # [N, D] matrix in float64: the same components as the SVD of the normalised, centred rows.
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(30, 50, generator=gen) * torch.linspace(0.1, 3, 50)
+    x = rows.double() / rows.double().norm(dim=1, keepdim=True)
+    u, s, _ = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    ours = principal_components([rows[:7], rows[7:19], rows[19:]], dims=5, chunk=8)
+    assert torch.allclose(ours.abs(), (u[:, :5] * s[:5]).abs(), atol=1e-9)
+
+
+def test_probe_features_sketch_keeps_inner_products_and_is_the_same_everywhere():
+    gen = torch.Generator().manual_seed(0)
+    grads = {kind: torch.randn(3, 2, 300, 8, generator=gen) for kind in ("q_proj", "out_proj")}
+    probes = {kind: SimpleNamespace(grad=g) for kind, g in grads.items()}
+    whole = probe_features(probes)
+    assert whole.shape == (3, 2 * 2 * 300 * 8) and torch.equal(probe_features(probes, dim=whole.shape[1]), whole)
+    sketch = probe_features(probes, dim=2048)
+    assert sketch.shape == (3, 2048) and torch.equal(sketch, probe_features(probes, dim=2048))
+    # A fixed linear map: inner products kept within ~ |x| |y| / sqrt(dim).
+    mixed = whole[0] + 0.5 * whole[1]
+    exact, sketched = mixed @ whole[0], (sketch[0] + 0.5 * sketch[1]) @ sketch[0]
+    assert abs(float(sketched - exact)) < 4 * float(mixed.norm() * whole[0].norm()) / 2048**0.5
+
+
+def test_bootstrap_records_at_most_its_share_of_samples(student, tmp_path):
+    adapter = routed_adapter(student, route_bootstrap_samples=5, route_after_steps=10)
+    schedule = RoutingSchedule(adapter, seed=0, run_dir=tmp_path)
+    for step in range(4):
+        schedule.before_step(step)
+        ids, mask = prompts(2, seed=step)
+        hidden(student, adapter(ids, mask), ids).square().mean().backward()
+        schedule.after_backward(SimpleNamespace(prompt_ids=ids, prompt_mask=mask))
+    # Whole micro-batches while fewer than 5 are held: 2, 4, 6, then none.
+    assert len(schedule.bootstrap.prompts) == 6 and len(schedule.bootstrap.features) == 3

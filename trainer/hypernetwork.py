@@ -368,6 +368,16 @@ class HyperLoRAConfig:
     """``kind: routed``: Adam learning rate of that pre-training."""
     router_pretrain_batch: int = 32
     """``kind: routed``: prompts per pre-training step (drawn with replacement)."""
+    route_bootstrap_samples: int = 512
+    """``kind: routed``: the bootstrap records the probe gradients of about this many samples over
+    all ranks, the first ones (each rank records whole micro-batches until it holds its share).
+    learn-bench clusters 480 (60 steps x 8) at purity 0.90; at Qwen3-Coder-Next's shapes a sample's
+    gradient is 42 MB (`trainer.routing.probe_features`), so 512 are 21.5 GB, held by rank 0 alone
+    at the switch."""
+    route_feature_dim: int = 0
+    """``kind: routed``: keep each bootstrap sample's probe gradient as a count sketch of this many
+    floats when it has more (0: whole). A memory bound with a cost: on learn-bench (D = 8,192)
+    sketching to 4,096 / 1,024 / 256 lowers the clusters' purity from 0.90 to 0.85 / 0.75 / 0.55."""
     cluster_dims: int = 8
     """``kind: routed``: PCA dimensions the probe gradients are reduced to before clustering."""
     cluster_restarts: int = 10
@@ -387,6 +397,7 @@ class HyperLoRAConfig:
             "trunk_dim",
             "trunk_layers",
             "route_after_steps",
+            "route_bootstrap_samples",
             "router_pretrain_steps",
             "router_pretrain_batch",
             "cluster_dims",
@@ -394,6 +405,8 @@ class HyperLoRAConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.route_feature_dim < 0:
+            raise ValueError(f"route_feature_dim must be >= 0 (0: no sketch), got {self.route_feature_dim}")
         if self.experts < 1 or self.rank % self.experts:
             raise ValueError(f"experts must be >= 1 and divide rank ({self.rank}), got {self.experts}")
         if self.alpha <= 0:

@@ -26,9 +26,11 @@ the result into every rank's shards and sets routing on every rank.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +70,38 @@ def attach_probe(bank: LoRABank, lora: GeneratedLoRA) -> tuple[GeneratedLoRA, di
     return GeneratedLoRA(weights, lora.scale), probes
 
 
-def probe_features(probes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """After ``backward``: each sample's probe gradient, flattened over targets, float32 [B, D]."""
+def probe_features(probes: dict[str, torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """After ``backward``: each sample's probe gradient, flattened over targets, float32 [B, D] on
+    the CPU; with ``dim`` > 0 and D > ``dim``, its count sketch [B, dim] (`sketch_map`) instead.
+
+    Why the sketch: D = r * sum over targets of out_features is 16 * 653,568 = 10.5M floats (42 MB)
+    per sample for Qwen3-Coder-Next's 13 targets (36 DeltaNet layers x (12288 + 64 + 2048), 12
+    attention layers x (8192 + 512 + 512 + 2048)); the bootstrap keeps one per sample for K steps
+    and gathers them on every rank. A count sketch is a fixed random linear map: inner products,
+    hence the cluster geometry the k-means sees, are kept in expectation, with an error of about
+    |x| |y| / sqrt(dim)."""
     if any(p.grad is None for p in probes.values()):
         raise RuntimeError("probe_features: the probe has no gradient (call it after loss.backward())")
-    return torch.cat([p.grad.detach().flatten(1).float() for p in probes.values()], 1).cpu()
+    grads = {kind: p.grad.detach().flatten(1).float() for kind, p in probes.items()}
+    if not dim or sum(g.shape[1] for g in grads.values()) <= dim:
+        return torch.cat(list(grads.values()), 1).cpu()
+    out = None
+    for kind, g in grads.items():
+        buckets, signs = sketch_map(kind, g.shape[1], dim, g.device)
+        part = torch.zeros(g.shape[0], dim, device=g.device).index_add_(1, buckets, g * signs)
+        out = part if out is None else out + part
+    return out.cpu()
+
+
+@functools.lru_cache(maxsize=32)
+def sketch_map(kind: str, size: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The count sketch of ``kind``'s flattened probe gradient (``size`` entries) into ``dim``
+    buckets: each entry's bucket (int64 [size]) and sign (float32 [size], +-1). The same on every
+    rank and in every run: seeded by the module type's name, drawn on the CPU."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}:{size}:{dim}".encode()))
+    buckets = torch.randint(dim, (size,), generator=gen)
+    signs = torch.randint(2, (size,), generator=gen).float() * 2 - 1
+    return buckets.to(device), signs.to(device)
 
 
 def sinkhorn_assign(scores: torch.Tensor, iters: int = 50, eps: float = 0.05) -> torch.Tensor:
@@ -91,23 +120,29 @@ def sinkhorn_assign(scores: torch.Tensor, iters: int = 50, eps: float = 0.05) ->
 
 
 def cluster(
-    features: torch.Tensor, k: int, *, dims: int = 8, restarts: int = 10, iters: int = 50, seed: int = 0
+    features: torch.Tensor | Sequence[torch.Tensor],
+    k: int,
+    *,
+    dims: int = 8,
+    restarts: int = 10,
+    iters: int = 50,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """Balanced spherical k-means of the rows of ``features`` [N, D] -> labels int64 [N] in [0, k).
+    """Balanced spherical k-means of the rows of ``features`` [N, D] (or of a list of row blocks
+    [N_i, D], never concatenated) -> labels int64 [N] in [0, k).
 
     Rows are normalised to unit length (the direction of a gradient matters, not its size),
-    centred, reduced by SVD to their top ``dims`` components and normalised again; then
-    ``restarts`` runs of spherical k-means (cosine similarity; assignments balanced by
-    `sinkhorn_assign`) from random rows as centroids, keeping the run with the largest summed
-    cosine to the assigned centroid. Deterministic given ``seed``.
+    centred, reduced to their top ``dims`` principal components (`principal_components`) and
+    normalised again; then ``restarts`` runs of spherical k-means (cosine similarity; assignments
+    balanced by `sinkhorn_assign`) from random rows as centroids, keeping the run with the largest
+    summed cosine to the assigned centroid. Deterministic given ``seed``.
     """
-    if features.ndim != 2 or len(features) < k:
-        raise ValueError(f"cluster: need a 2-D [N, D] tensor with N >= k = {k}, got {tuple(features.shape)}")
-    x = features.double()
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    x = x - x.mean(0)
-    u, s, _ = torch.linalg.svd(x, full_matrices=False)
-    f = u[:, :dims] * s[:dims]
+    blocks = [features] if isinstance(features, torch.Tensor) else list(features)
+    n = sum(len(b) for b in blocks)
+    if any(b.ndim != 2 for b in blocks) or n < k:
+        shapes = [tuple(b.shape) for b in blocks]
+        raise ValueError(f"cluster: need 2-D [N, D] rows with N >= k = {k}, got {shapes}")
+    f = principal_components(blocks, dims)
     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-30)
     best_score, best = -float("inf"), None
     for restart in range(restarts):
@@ -121,6 +156,35 @@ def cluster(
         if score > best_score:
             best_score, best = score, labels
     return best
+
+
+def principal_components(blocks: Sequence[torch.Tensor], dims: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """The top ``dims`` principal components float64 [N, dims] of the unit-normalised, centred rows
+    of the row blocks ``blocks`` (each [N_i, D]), from their N x N Gram matrix: what the SVD of
+    the [N, D] matrix gives (u * s, up to signs), without ever holding it in float64 or whole.
+    Memory beyond the blocks is O(N^2 + N * chunk); the Gram matrix is summed over column chunks."""
+    n = sum(len(b) for b in blocks)
+    norms = torch.cat([b.double().norm(dim=1) if b.shape[1] <= chunk else _chunked_norms(b, chunk) for b in blocks])
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    starts = [0, *itertools.accumulate(len(b) for b in blocks)]
+    for c in range(0, blocks[0].shape[1], chunk):
+        cols = [b[:, c : c + chunk].double() for b in blocks]
+        for i, j in itertools.combinations_with_replacement(range(len(blocks)), 2):
+            block = cols[i] @ cols[j].T
+            gram[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] += block
+            if i != j:
+                gram[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] += block.T
+    scale = 1.0 / norms.clamp_min(1e-30)
+    gram = gram * scale[:, None] * scale[None]
+    gram = gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean()
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    top = values.flip(0)[:dims].clamp_min(0)
+    return vectors.flip(1)[:, :dims] * top.sqrt()
+
+
+def _chunked_norms(block: torch.Tensor, chunk: int) -> torch.Tensor:
+    squares = sum(block[:, c : c + chunk].double().pow(2).sum(1) for c in range(0, block.shape[1], chunk))
+    return squares.sqrt()
 
 
 def pad_prompts(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +277,7 @@ class Bootstrap:
 
     def record(self, adapter: RoutedHyperLoRA, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         """After ``loss.backward()`` of a step run with ``adapter.probe``: keep the batch's rows."""
-        self.features.append(probe_features(adapter.last_probe))
+        self.features.append(probe_features(adapter.last_probe, adapter.config.route_feature_dim))
         self.prompts += [ids[mask.bool()].cpu() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
 
 
@@ -221,7 +285,7 @@ def route(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int = 0) -> torc
     """Step K: cluster the bootstrap's probe gradients, pre-train the router on the labels, set
     routing (the caller then rebuilds its optimizer). Returns the cluster labels [N]."""
     cfg = adapter.config
-    labels = cluster_labels(torch.cat(bootstrap.features), cfg, seed)
+    labels = cluster_labels(bootstrap.features, cfg, seed)
     ce = pretrain_router(
         adapter,
         bootstrap.prompts,
@@ -318,13 +382,14 @@ def route_distributed(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int 
     if isinstance(adapter, FSDPModule):
         adapter.reshard()  # a forward without backward (an evaluation) leaves the root unsharded
     cfg = adapter.config
-    mine = torch.cat(bootstrap.features) if bootstrap.features else None
-    parts = _all_gather((mine, bootstrap.prompts))
-    prompts = [p for _, rank_prompts in parts for p in rank_prompts]
+    # The prompts (small) go to every rank; the probe features (up to 42 MB a sample at real
+    # shapes, see `probe_features`) to rank 0 only, which clusters them.
+    prompts = [p for rank_prompts in _all_gather(bootstrap.prompts) for p in rank_prompts]
+    features = _gather_to_rank0(bootstrap.features)
     copy = RouterCopy(adapter)
     labels, ce = None, None
     if _rank() == 0:
-        labels = cluster_labels(torch.cat([f for f, _ in parts if f is not None]), cfg, seed)
+        labels = cluster_labels([f for rank_features in features for f in rank_features], cfg, seed)
         ce = pretrain_router(
             copy,
             prompts,
@@ -344,12 +409,14 @@ def route_distributed(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int 
     return Routed(labels, ce, gathered.experts(prompts, cfg.router_pretrain_batch))
 
 
-def cluster_labels(features: torch.Tensor, cfg, seed: int) -> torch.Tensor:
-    """`cluster` of the bootstrap's probe gradients [N, D] into ``cfg.experts`` groups (`HyperLoRAConfig`)."""
-    if len(features) < cfg.experts:
+def cluster_labels(features: Sequence[torch.Tensor], cfg, seed: int) -> torch.Tensor:
+    """`cluster` of the bootstrap's probe gradients (row blocks [N_i, D]) into ``cfg.experts``
+    groups (`HyperLoRAConfig`)."""
+    n = sum(len(f) for f in features)
+    if n < cfg.experts:
         raise ValueError(
-            f"routing: {len(features)} bootstrap samples cannot be clustered into {cfg.experts} experts "
-            "(raise hypernetwork.route_after_steps)"
+            f"routing: {n} bootstrap samples cannot be clustered into {cfg.experts} experts "
+            "(raise hypernetwork.route_after_steps or route_bootstrap_samples)"
         )
     return cluster(features, cfg.experts, dims=cfg.cluster_dims, restarts=cfg.cluster_restarts, seed=seed)
 
@@ -391,8 +458,11 @@ class RoutingSchedule:
         return switch
 
     def after_backward(self, batch) -> None:
-        """After a micro-batch's backward (``batch``: a `Batch`, with ``prompt_ids`` and ``prompt_mask``)."""
-        if not self.adapter.routed:
+        """After a micro-batch's backward (``batch``: a `Batch`, with ``prompt_ids`` and ``prompt_mask``):
+        before routing, record its samples while this rank holds fewer than its share of
+        ``route_bootstrap_samples``."""
+        share = -(-self.config.route_bootstrap_samples // _world_size())
+        if not self.adapter.routed and len(self.bootstrap.prompts) < share:
             self.bootstrap.record(self.adapter, batch.prompt_ids, batch.prompt_mask)
 
     def lr_factor(self, step: int) -> float:
@@ -424,6 +494,10 @@ def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -433,6 +507,15 @@ def _all_gather(obj: Any) -> list[Any]:
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def _gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (rank order), None elsewhere; [obj] on one process."""
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 
