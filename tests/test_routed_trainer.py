@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from hyperdistill.trainer.checkpoint import read_train_state
 from tests.conftest import ROOT, start_teacher
@@ -72,12 +71,6 @@ def run_routed(run_dir: Path, tiny_models, data_cache: Path, from_cache: tuple[s
     return result
 
 
-def weights_at(run_dir: Path, step: int, tmp_path: Path) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"{run_dir.name}-{step}.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:06d}", out)
-    return torch.load(out, weights_only=False)["model"]
-
-
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, tiny_models, data_cache, from_cache):
     """An uninterrupted routed run of STEPS steps."""
@@ -99,7 +92,7 @@ def test_switch_at_step_k_with_the_same_routing_on_both_ranks(baseline):
 
 
 def test_b_zeroed_at_the_switch_then_encoder_and_router_frozen(baseline, tmp_path):
-    state = {step: weights_at(baseline, step, tmp_path) for step in (K, K + 1, STEPS)}
+    state = {step: final_weights(baseline, tmp_path, step) for step in (K, K + 1, STEPS)}
     assert not bool(state[K]["routing_set"]) and bool(state[K + 1]["routing_set"]) and bool(state[STEPS]["routing_set"])
     frozen = [name for name in state[K] if name.startswith(("encoder.", "router."))]
     bank = [name for name in state[K] if name.startswith("bank.B.")]

@@ -86,9 +86,10 @@ def trained_batches(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
     return [(r["step"], r["ids"]) for r in map(json.loads, lines)]
 
 
-def final_weights(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"{run_dir.name}.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{STEPS:06d}", out)
+def final_weights(run_dir: Path, tmp_path: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    """The adapter's weights in ``run_dir``'s checkpoint of ``step`` (default: the last)."""
+    out = tmp_path / f"{run_dir.name}-{step}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:06d}", out)
     return torch.load(out, weights_only=False)["model"]
 
 
