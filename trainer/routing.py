@@ -37,11 +37,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from hyperdistill.trainer.distributed import (
+    all_gather_objects,
+    broadcast_object,
+    gather_objects_to_rank0,
+    rank,
+    world_size,
+)
 from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights
 
 if TYPE_CHECKING:
@@ -312,12 +318,10 @@ class RouterCopy(nn.Module):
     collective then (every rank all-gathers the same tensors)."""
 
     def __init__(self, adapter: RoutedHyperLoRA):
-        from hyperdistill.trainer.hypernetwork import PromptEncoder  # that module imports this one
-
         super().__init__()
         cfg = adapter.config
         with torch.device("meta"):  # no initialisation, no draw from the run's random stream
-            self.encoder = PromptEncoder(cfg, adapter.encoder._embed)
+            self.encoder = type(adapter.encoder)(cfg, adapter.encoder._embed)  # a PromptEncoder
             self.router = nn.Linear(cfg.encoder_dim, cfg.experts)
         self.to_empty(device=adapter.routing_set.device)
         with torch.no_grad():
@@ -384,11 +388,11 @@ def route_distributed(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int 
     cfg = adapter.config
     # The prompts (small) go to every rank; the probe features (up to 42 MB a sample at real
     # shapes, see `probe_features`) to rank 0 only, which clusters them.
-    prompts = [p for rank_prompts in _all_gather(bootstrap.prompts) for p in rank_prompts]
-    features = _gather_to_rank0(bootstrap.features)
+    prompts = [p for rank_prompts in all_gather_objects(bootstrap.prompts) for p in rank_prompts]
+    features = gather_objects_to_rank0(bootstrap.features)
     copy = RouterCopy(adapter)
     labels, ce = None, None
-    if _rank() == 0:
+    if rank() == 0:
         labels = cluster_labels([f for rank_features in features for f in rank_features], cfg, seed)
         ce = pretrain_router(
             copy,
@@ -399,12 +403,12 @@ def route_distributed(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int 
             batch_size=cfg.router_pretrain_batch,
             seed=seed,
         )
-    labels, ce = _broadcast((labels, ce))
+    labels, ce = broadcast_object((labels, ce))
     copy.copy_into(adapter)
     set_routing(adapter)
     gathered = RouterCopy(adapter)  # what this rank's forward now sees: its shards all-gathered
     pairs = zip(copy.parameters(), gathered.parameters(), strict=True)
-    if _rank() == 0 and not all(torch.equal(p, q) for p, q in pairs):
+    if rank() == 0 and not all(torch.equal(p, q) for p, q in pairs):
         raise RuntimeError("route_distributed: the sharded encoder / router differ from the pre-trained copy")
     return Routed(labels, ce, gathered.experts(prompts, cfg.router_pretrain_batch))
 
@@ -461,7 +465,7 @@ class RoutingSchedule:
         """After a micro-batch's backward (``batch``: a `Batch`, with ``prompt_ids`` and ``prompt_mask``):
         before routing, record its samples while this rank holds fewer than its share of
         ``route_bootstrap_samples``."""
-        share = -(-self.config.route_bootstrap_samples // _world_size())
+        share = -(-self.config.route_bootstrap_samples // world_size())
         if not self.adapter.routed and len(self.bootstrap.prompts) < share:
             self.bootstrap.record(self.adapter, batch.prompt_ids, batch.prompt_mask)
 
@@ -476,8 +480,8 @@ class RoutingSchedule:
         self.bootstrap = Bootstrap(list(state.get("features", [])), list(state.get("prompts", [])))
 
     def _publish(self, record: dict[str, Any]) -> None:
-        rank = _rank()
-        if rank == 0:
+        me = rank()
+        if me == 0:
             log.info(
                 "routing set after step %d: %d prompts clustered into %s, routed to %s, router cross-entropy %.4f",
                 record["step"],
@@ -487,41 +491,4 @@ class RoutingSchedule:
                 record["router_cross_entropy"],
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / f"routing_rank{rank}.json").write_text(json.dumps(record) + "\n")
-
-
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _gather_to_rank0(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` on rank 0 (rank order), None elsewhere; [obj] on one process."""
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        (self.run_dir / f"routing_rank{me}.json").write_text(json.dumps(record) + "\n")
