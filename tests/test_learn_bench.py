@@ -130,7 +130,7 @@ def test_teachers_are_rebuilt_when_the_student_changes(tmp_path, monkeypatch):
     assert len(calls) == 2 * teachers.FAMILIES
 
 
-def test_runner_trains_both_arms_and_the_oracle_closes_the_gap(scored_dir):
+def test_runner_trains_both_arms_and_the_oracle_closes_the_gap(scored_dir, tmp_path):
     """The bench's own pieces on the scored samples: two steps of each arm, then every arm; the
     oracle (the true LoRA_c) reproduces the service's teacher, so it closes the whole gap."""
     from hyperdistill.common.config import load_config
@@ -142,21 +142,31 @@ def test_runner_trains_both_arms_and_the_oracle_closes_the_gap(scored_dir):
     for kind, arm in (("hyper", "generated"), ("static", "static")):
         cfg = load_config(TrainerConfig, run.CONFIG, overrides=[f"hypernetwork.kind={kind}"])
         student = run.load_student_for(cfg)
-        adapters[arm], losses = run.train_arm(cfg, student, data, steps=2, batch_size=2, seed=0)
+        adapters[arm], losses = run.train_arm(cfg, student, data, steps=2, batch_size=2, seed=0, run_dir=tmp_path)
         assert len(losses) == 2 and all(np.isfinite(losses))
     arms = run.evaluate(cfg, student, data, adapters)
     assert list(arms) == ["none", "generated", "prompt_swap", "static", "oracle"]
     assert arms["none"]["kl"] > 0.2 and arms["none"]["gap_closed"] == 0.0
     assert arms["oracle"]["kl"] < 1e-3 * arms["none"]["kl"] and arms["oracle"]["top1_agreement"] > 0.99
     assert set(run.diagnose(adapters["generated"], data)) == {"context_family_share", "delta_alignment"}
-    # The routed arm's whole schedule, shrunk: 2 bootstrap steps of 4 samples, clustering into the 4
-    # experts, router pre-training, the switch, then routed steps.
+    # The routed arm's whole schedule (the Trainer's `RoutingSchedule`), shrunk: 2 bootstrap steps of
+    # 4 samples, clustering into the 4 experts, router pre-training, the switch, a routed step, the
+    # re-routing window (steps 3-4: every sample scored under every expert), the re-routing.
     routed_overrides = [
         "hypernetwork.kind=routed",
         "hypernetwork.route_after_steps=2",
+        "hypernetwork.route_relabel_after=1",
+        "hypernetwork.route_relabel_steps=2",
         "hypernetwork.router_pretrain_steps=2",
     ]
     cfg = load_config(TrainerConfig, run.CONFIG, overrides=routed_overrides)
-    routed, losses = run.train_arm(cfg, run.load_student_for(cfg), data, steps=4, batch_size=4, seed=0)
-    assert len(losses) == 4 and all(np.isfinite(losses)) and bool(routed.routing_set)
+    routed, losses = run.train_arm(
+        cfg, run.load_student_for(cfg), data, steps=6, batch_size=4, seed=0, run_dir=tmp_path
+    )
+    assert len(losses) == 6 and all(np.isfinite(losses)) and bool(routed.routing_set)
     assert not any(p.requires_grad for p in routed.router.parameters())
+    assert set(routed.schedule.events) == {"routing", "relabel"} and routed.schedule.relabelled
+    assert len(routed.schedule.events["relabel"].labels) == 2 * 4
+    assert (tmp_path / "routing_rank0.json").exists() and (tmp_path / "relabel_rank0.json").exists()
+    found = run.diagnose(routed, data)
+    assert 0.25 <= found["bootstrap_cluster_purity"] <= 1 and 0.25 <= found["relabel_purity"] <= 1

@@ -2,8 +2,9 @@
 entry point, with the set-up, run length and comparisons of tests/test_trainer_e2e.py. The
 teacher scores the 4 sequences once into a teacher cache (precompute) and every run trains from
 the cache alone (a live teacher would score each epoch anew: ~20 s a step here). K = 2: the
-bootstrap is steps 1-2, routing is set before step 3 and re-warmed over steps 3-5; a checkpoint
-every step."""
+bootstrap is steps 1-2, routing is set before step 3 and re-warmed over steps 3-5; step 4 scores
+its samples under every expert (the re-routing window, R = 1, W = 1) and the router is re-trained on
+them before step 5; a checkpoint every step."""
 
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ from tests.test_trainer_e2e import (
 )
 
 K, REWARM, LR = 2, 3, 1e-3  # LR: tests/test_trainer_e2e.PHASES
+RELABEL = K + 2  # re-routing before the step that checkpoint step_{RELABEL + 1} ends
 ROUTED = (
     "hypernetwork.kind=routed",
     f"hypernetwork.route_after_steps={K}",
+    "hypernetwork.route_relabel_after=1",
+    "hypernetwork.route_relabel_steps=1",
     f"hypernetwork.route_rewarm_steps={REWARM}",
     "hypernetwork.router_pretrain_steps=5",
     "hypernetwork.router_pretrain_batch=4",
@@ -77,6 +81,7 @@ def baseline(tmp_path_factory, tiny_models, data_cache, from_cache):
     run_dir = tmp_path_factory.mktemp("routed-baseline")
     result = run_routed(run_dir, tiny_models, data_cache, from_cache)
     assert result.stderr.count(f"routing set after step {K}:") == 1, result.stderr[-4000:]  # logged by rank 0
+    assert result.stderr.count(f"re-routed after step {RELABEL}:") == 1, result.stderr[-4000:]
     return run_dir
 
 
@@ -89,6 +94,10 @@ def test_switch_at_step_k_with_the_same_routing_on_both_ranks(baseline):
     # Each rank routed every bootstrap prompt with its own weights (its shards all-gathered): the same experts.
     assert records[0]["experts"] == records[1]["experts"]
     assert records[0] == records[1]
+    # The re-routing: step K + 1's samples of both ranks, each labelled by its lowest-KL expert.
+    relabels = [json.loads((baseline / f"relabel_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert relabels[0] == relabels[1] and relabels[0]["step"] == RELABEL and relabels[0]["prompts"] == 2 * 2
+    assert math.isfinite(relabels[0]["router_cross_entropy"])
 
 
 def test_b_zeroed_at_the_switch_then_encoder_and_router_frozen(baseline, tmp_path):
@@ -97,9 +106,12 @@ def test_b_zeroed_at_the_switch_then_encoder_and_router_frozen(baseline, tmp_pat
     frozen = [name for name in state[K] if name.startswith(("encoder.", "router."))]
     bank = [name for name in state[K] if name.startswith("bank.B.")]
     assert frozen and bank
-    # The router pre-training moved encoder + router at the switch; nothing moved them afterwards.
-    assert any(not torch.equal(state[K][n], state[K + 1][n]) for n in frozen)
-    assert all(torch.equal(state[K + 1][n], state[STEPS][n]) for n in frozen)
+    # The router pre-training moved encoder + router at the switch, the re-routing before step
+    # RELABEL + 1; the main optimizer never did.
+    state.update({step: final_weights(baseline, tmp_path, step) for step in (RELABEL, RELABEL + 1)})
+    for before, after, moved in ((K, K + 1, True), (K + 1, RELABEL, False), (RELABEL, RELABEL + 1, True)):
+        assert any(not torch.equal(state[before][n], state[after][n]) for n in frozen) == moved, (before, after)
+    assert all(torch.equal(state[RELABEL + 1][n], state[STEPS][n]) for n in frozen)
     # B restarted from zero with a fresh AdamW: its first step moves each entry by at most the
     # step's learning rate (re-warmed: LR / REWARM); the bootstrap's two steps had moved it further.
     first_lr = LR / REWARM
@@ -118,7 +130,13 @@ def test_bootstrap_records_are_checkpointed_per_rank(baseline):
         assert len(features) == 1 and features[0].shape[0] == 2  # one micro-batch of 2 sequences
         assert torch.isfinite(features[0]).all() and features[0].abs().sum() > 0  # a real gradient
         after = read_train_state(baseline / "checkpoints" / f"step_{K + 1:06d}", rank)["routing"]
-        assert after == {"features": [], "prompts": []}
+        assert after["features"] == after["prompts"] == [] and not after["relabelled"]
+        # The re-routing window's scores (step RELABEL: 2 samples x 4 experts), then cleared.
+        window = read_train_state(baseline / "checkpoints" / f"step_{RELABEL:06d}", rank)["routing"]
+        assert [t.shape for t in window["scored_losses"]] == [(2, 4)] and len(window["scored_prompts"]) == 2
+        assert torch.isfinite(window["scored_losses"][0]).all() and not window["relabelled"]
+        done = read_train_state(baseline / "checkpoints" / f"step_{RELABEL + 1:06d}", rank)["routing"]
+        assert done["relabelled"] and done["scored_losses"] == []
     first = [read_train_state(baseline / "checkpoints" / "step_000001", r)["routing"]["features"][0] for r in (0, 1)]
     assert not torch.equal(first[0], first[1])  # each rank records its own samples
 
@@ -127,19 +145,24 @@ def test_stopped_before_and_after_the_switch_and_resumed_reproduces_the_uninterr
     tmp_path, baseline, tiny_models, data_cache, from_cache
 ):
     """Stopped after step 1 (the bootstrap's records in the train state), resumed and stopped after
-    step K + 1 (routing set, the fresh optimizer, mid re-warm), resumed to the end: bit for bit."""
+    step K + 2 (routing set, the fresh optimizer, mid re-warm, the re-routing window's scores in
+    the train state), resumed to the end (the re-routing first): bit for bit."""
     run_dir = tmp_path / "resumed"
     run_routed(run_dir, tiny_models, data_cache, from_cache, "stop_after_steps=1")
     assert not (run_dir / "routing_rank0.json").exists()
-    second = run_routed(run_dir, tiny_models, data_cache, from_cache, f"stop_after_steps={K}")  # steps 2 and 3
+    second = run_routed(run_dir, tiny_models, data_cache, from_cache, f"stop_after_steps={K + 1}")  # steps 2-4
     assert "resumed from" in second.stderr and f"routing set after step {K}:" in second.stderr
-    assert [step for step, _ in losses(run_dir)] == list(range(1, K + 2))
+    assert "re-routed" not in second.stderr
+    assert [step for step, _ in losses(run_dir)] == list(range(1, RELABEL + 1))
     last = run_routed(run_dir, tiny_models, data_cache, from_cache)
     assert "resumed from" in last.stderr and "routing set" not in last.stderr
+    assert f"re-routed after step {RELABEL}:" in last.stderr
     assert losses(run_dir) == losses(baseline)  # exactly, step by step
     for rank in (0, 1):
         assert trained_batches(run_dir, rank) == trained_batches(baseline, rank)
-        assert (run_dir / f"routing_rank{rank}.json").read_text() == (baseline / f"routing_rank{rank}.json").read_text()
+        for event in ("routing", "relabel"):
+            path = f"{event}_rank{rank}.json"
+            assert (run_dir / path).read_text() == (baseline / path).read_text()
     expected, got = final_weights(baseline, tmp_path), final_weights(run_dir, tmp_path)
     assert expected.keys() == got.keys()
     for name in expected:

@@ -10,16 +10,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hyperdistill.trainer.config import OptimConfig
 from hyperdistill.trainer.hypernetwork import HyperLoRAConfig, RoutedHyperLoRA, StaticLoRA, build_hyper_lora
 from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora
 from hyperdistill.trainer.routing import (
     Bootstrap,
     RoutingSchedule,
     cluster,
+    expert_losses,
     pretrain_router,
     principal_components,
     probe_features,
     purity,
+    relabel,
     rewarm_factor,
     route,
     set_routing,
@@ -66,6 +69,13 @@ def randomise_bank(adapter, seed: int = 1) -> None:
     with torch.no_grad():
         for b in adapter.bank.B.values():
             b.copy_(0.05 * torch.randn(b.shape, generator=gen))
+
+
+EMPTY_STATE = {"features": [], "prompts": [], "scored_losses": [], "scored_prompts": [], "relabelled": False}
+
+
+def schedule_for(adapter, student, run_dir) -> RoutingSchedule:
+    return RoutingSchedule(adapter, 0, run_dir, student=student, optim=OptimConfig(), device=torch.device("cpu"))
 
 
 def hidden(student, lora, ids) -> torch.Tensor:
@@ -264,7 +274,7 @@ def test_trainer_schedule_on_one_process_is_route(student, tmp_path):
     """`RoutingSchedule` (what the Trainer calls) on a plain adapter: the probe and records during the
     bootstrap, a state that round-trips, and at step K the same adapter as `route` gives."""
     ref, ours = routed_adapter(student), routed_adapter(student)
-    schedule = RoutingSchedule(ours, seed=0, run_dir=tmp_path)
+    schedule = schedule_for(ours, student, tmp_path)
     assert not any(p.requires_grad for m in (ours.encoder, ours.router) for p in m.parameters())
     ref.probe, boot = True, Bootstrap()
     for step in range(2):
@@ -273,14 +283,14 @@ def test_trainer_schedule_on_one_process_is_route(student, tmp_path):
         for adapter in (ref, ours):
             hidden(student, adapter(ids, mask), ids).square().mean().backward()
         boot.record(ref, ids, mask)
-        schedule.after_backward(SimpleNamespace(prompt_ids=ids, prompt_mask=mask))
+        schedule.after_backward(SimpleNamespace(prompt_ids=ids, prompt_mask=mask), None, None, None)
     state = schedule.state_dict()
     schedule.load_state_dict(None)
-    assert schedule.state_dict() == {"features": [], "prompts": []}
+    assert schedule.state_dict() == EMPTY_STATE
     schedule.load_state_dict(state)
     labels = route(ref, boot)
     assert schedule.before_step(2) and ours.routed and not ours.probe
-    assert schedule.state_dict() == {"features": [], "prompts": []}
+    assert schedule.state_dict() == EMPTY_STATE
     for (name, p), q in zip(ref.state_dict().items(), ours.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     record = json.loads((tmp_path / "routing_rank0.json").read_text())
@@ -318,11 +328,100 @@ def test_probe_features_sketch_keeps_inner_products_and_is_the_same_everywhere()
 
 def test_bootstrap_records_at_most_its_share_of_samples(student, tmp_path):
     adapter = routed_adapter(student, route_bootstrap_samples=5, route_after_steps=10)
-    schedule = RoutingSchedule(adapter, seed=0, run_dir=tmp_path)
+    schedule = schedule_for(adapter, student, tmp_path)
     for step in range(4):
         schedule.before_step(step)
         ids, mask = prompts(2, seed=step)
         hidden(student, adapter(ids, mask), ids).square().mean().backward()
-        schedule.after_backward(SimpleNamespace(prompt_ids=ids, prompt_mask=mask))
+        schedule.after_backward(SimpleNamespace(prompt_ids=ids, prompt_mask=mask), None, None, None)
     # Whole micro-batches while fewer than 5 are held: 2, 4, 6, then none.
     assert len(schedule.bootstrap.prompts) == 6 and len(schedule.bootstrap.features) == 3
+
+
+def batch_of(ids: torch.Tensor) -> SimpleNamespace:
+    """A `Batch` whose prompt is the whole sequence."""
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    return SimpleNamespace(input_ids=ids, attention_mask=ones.long(), prompt_ids=ids, prompt_mask=ones)
+
+
+@torch.no_grad()
+def teacher_from(student, adapter, ids: torch.Tensor, experts: torch.Tensor, k: int = 8):
+    """Top-K of the student's own next-token distribution with expert ``experts[b]`` for sample b."""
+    lora = adapter(ids, torch.ones_like(ids, dtype=torch.bool), experts=experts)
+    top = student.lm_head(hidden(student, lora, ids)[:, :-1]).log_softmax(-1).topk(k, dim=-1)
+    return top.indices, top.values
+
+
+def test_expert_losses_score_every_sample_under_every_expert(student):
+    adapter = routed_adapter(student)
+    randomise_bank(adapter)
+    ids, _ = prompts(4, width=12, seed=3)
+    truth = torch.tensor([2, 0, 3, 1])
+    teacher_ids, teacher_lp = teacher_from(student, adapter, ids, truth)
+    mask = torch.ones(4, 11, dtype=torch.bool)
+    mask[1, :5] = False
+    mask[3] = False  # no scored position
+    losses = expert_losses(student, adapter, batch_of(ids), teacher_ids, teacher_lp, mask, OptimConfig(), "cpu")
+    assert losses.shape == (4, 4) and losses.dtype == torch.float32
+    for b in range(3):  # the teacher is the student with expert truth[b]: KL 0 there, not elsewhere
+        assert float(losses[b, truth[b]]) < 1e-5
+        assert float(losses[b].sort().values[1]) > 1e-3, losses[b]
+    assert torch.equal(losses[3], torch.zeros(4))
+    # Sample 1 under expert 3 (not its teacher's): the mean KL over its scored positions alone.
+    from hyperdistill.trainer.loss import topk_kl_per_position
+
+    lora = adapter(ids[1:2], torch.ones(1, 12, dtype=torch.bool), experts=torch.tensor([3]))
+    h = hidden(student, lora, ids[1:2])[0, :-1][mask[1]]
+    direct = topk_kl_per_position(h, student.lm_head, teacher_ids[1][mask[1]], teacher_lp[1][mask[1]]).mean()
+    assert float(direct) > 1e-3 and float(losses[1, 3]) == pytest.approx(float(direct), rel=1e-4)
+
+
+def test_relabel_trains_the_router_to_each_prompts_lowest_loss_expert(student):
+    adapter = routed_adapter(student, router_pretrain_steps=40, router_pretrain_batch=16)
+    set_routing(adapter)
+    randomise_bank(adapter)
+    bank = {name: t.clone() for name, t in adapter.bank.state_dict().items()}
+    train, groups = separable_prompts(64, seed=0)
+    losses = torch.rand(64, 4, generator=torch.Generator().manual_seed(0)) + 1.0
+    losses[torch.arange(64), groups] = 0.5
+    scored = Bootstrap()
+    scored.add(losses, torch.stack(train), torch.ones(64, 7, dtype=torch.bool))
+    found = relabel(adapter, scored, seed=0)
+    assert torch.equal(found.labels, groups) and len(found.prompts) == 64
+    assert float((found.experts == groups).float().mean()) >= 0.9
+    held_out, truth = separable_prompts(32, seed=1)
+    ids = torch.stack(held_out)
+    assert float((adapter.experts(ids, torch.ones_like(ids, dtype=torch.bool)) == truth).float().mean()) >= 0.9
+    frozen = (adapter.encoder, adapter.router)
+    assert adapter.routed and not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(torch.equal(bank[name], t) for name, t in adapter.bank.state_dict().items())  # experts untouched
+    assert relabel(adapter, Bootstrap()) is None
+
+
+def test_schedule_rerouting_window_scores_then_relabels(student, tmp_path):
+    """K = 1, re-routing window steps 2-3, re-routing before step 4; records checkpointable."""
+    adapter = routed_adapter(student, route_after_steps=1, route_relabel_after=1, route_relabel_steps=2)
+    schedule = schedule_for(adapter, student, tmp_path)
+    experts = torch.tensor([0, 1, 2, 3])
+    held = []
+    for step in range(6):
+        switched = schedule.before_step(step)
+        assert switched == (step == 1)
+        if step == 2:
+            randomise_bank(adapter)  # experts that differ (the switch zeroed B; nothing trains B here)
+        ids, mask = prompts(4, seed=step)
+        hidden(student, adapter(ids, mask), ids).square().mean().backward()
+        teacher_ids, teacher_lp = teacher_from(student, adapter, ids, experts)
+        schedule.after_backward(batch_of(ids), teacher_ids, teacher_lp, torch.ones(4, 9, dtype=torch.bool))
+        held.append(len(schedule.scored))
+        if step == 3:
+            state = schedule.state_dict()
+            assert len(state["scored_losses"]) == 2 and not state["relabelled"]
+            schedule.load_state_dict(None)
+            schedule.load_state_dict(state)
+    assert held == [0, 0, 4, 8, 0, 0]  # scored in the window only; cleared by the re-routing
+    assert schedule.relabelled and schedule.state_dict()["relabelled"]
+    # The lowest KL is where each sample's teacher is: experts 0..3 in every scored batch.
+    assert torch.equal(schedule.events["relabel"].labels, experts.repeat(2))
+    record = json.loads((tmp_path / "relabel_rank0.json").read_text())
+    assert record["step"] == 4 and record["cluster_sizes"] == [2, 2, 2, 2] and record["prompts"] == 8

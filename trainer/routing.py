@@ -8,12 +8,24 @@
                   `set_routing`: zero the bank's B, freeze encoder + router, mark routing set
     steps K..     hard routing, one expert per prompt; a fresh optimizer whose learning rate is
                   ramped back over ``route_rewarm_steps`` (`rewarm_factor`)
+    steps K+R..K+R+W-1  the re-routing window (R = ``route_relabel_after``, W =
+                  ``route_relabel_steps``): each sample is also scored under every expert
+                  (`expert_losses`, no-grad forwards)
+    step K+R+W    `relabel`: the router trains on, to send each scored prompt to its lowest-KL expert
 
 `route` runs step K on a plain module (the learn-bench, tests/learn_bench/run.py). Why probe
 gradients: dL_b / dP (P an extra rank-r B added to the bank's A) is the direction in which sample
 b wants the adapter's update to move; samples of the same family want the same LoRA_c, so their
 gradients cluster by family (held-out purity 95-98% on learn-bench), where the prompts' own
 encoder features do not (~0.33). See `trainer.hypernetwork`.
+
+Why re-routing: the clusters are not clean (87-90% of the bootstrap prompts in their family's
+cluster on learn-bench: one sample's gradient is noisy) and the router learns their errors (held-out
+prompts routed to their family's expert 87.5-98% of the time, varying by seed, and each misrouted
+prompt costs about what a prompt swap does). Once the experts have trained on for R steps, a
+sample's KL under each expert names its family far more surely: the lowest-KL expert is its
+family's for 99.1-100% of the window's samples, and the router trained on those labels routes every
+held-out prompt right (learn-bench, seeds 0 and 1).
 
 The distributed `Trainer` runs the schedule through `RoutingSchedule` (``before_step``,
 ``after_backward``, ``lr_factor``, ``state_dict``). Its adapter is FSDP2-sharded: each rank
@@ -48,7 +60,8 @@ from hyperdistill.trainer.distributed import (
     rank,
     world_size,
 )
-from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights
+from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights, hyper_lora
+from hyperdistill.trainer.loss import topk_kl_per_position
 
 if TYPE_CHECKING:
     from hyperdistill.trainer.hypernetwork import LoRABank, RoutedHyperLoRA
@@ -283,8 +296,15 @@ class Bootstrap:
 
     def record(self, adapter: RoutedHyperLoRA, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         """After ``loss.backward()`` of a step run with ``adapter.probe``: keep the batch's rows."""
-        self.features.append(probe_features(adapter.last_probe, adapter.config.route_feature_dim))
+        self.add(probe_features(adapter.last_probe, adapter.config.route_feature_dim), prompt_ids, prompt_mask)
+
+    def add(self, features: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """Keep rows ``features`` [B, D] (on the CPU) and their prompts (ids [B, P], mask [B, P])."""
+        self.features.append(features.cpu())
         self.prompts += [ids[mask.bool()].cpu() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
 
 def route(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int = 0) -> torch.Tensor:
@@ -365,6 +385,8 @@ class Routed:
     """The router pre-training's last batch cross-entropy."""
     experts: torch.Tensor
     """The expert each prompt is routed to afterwards (this rank's weights), int64 [N]."""
+    prompts: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """The prompts (1-D token ids), in the order of ``labels``."""
 
     def record(self, step: int, experts: int) -> dict[str, Any]:
         return {
@@ -390,10 +412,87 @@ def route_distributed(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int 
     # shapes, see `probe_features`) to rank 0 only, which clusters them.
     prompts = [p for rank_prompts in all_gather_objects(bootstrap.prompts) for p in rank_prompts]
     features = gather_objects_to_rank0(bootstrap.features)
-    copy = RouterCopy(adapter)
-    labels, ce = None, None
+    labels = None
     if rank() == 0:
         labels = cluster_labels([f for rank_features in features for f in rank_features], cfg, seed)
+    labels = broadcast_object(labels)
+    return _train_router(adapter, prompts, labels, seed, then=set_routing)
+
+
+@torch.no_grad()
+def expert_losses(
+    student: nn.Module,
+    adapter: RoutedHyperLoRA,
+    batch,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    optim,
+    device: torch.device,
+) -> torch.Tensor:
+    """Each sample's top-K KL under each expert: float32 [B, n] on the CPU, nats per scored
+    position (0 for a sample with none), by one no-grad forward of the student per expert.
+
+    batch: a `Batch` (``input_ids``, ``attention_mask``, ``prompt_ids``, ``prompt_mask``);
+    teacher_ids int64 [B, T-1, K], teacher_logprobs float32 [B, T-1, K], mask bool [B, T-1] as
+    `distill_loss` takes them; optim: the `OptimConfig` (loss mode, temperature, chunk). On an
+    FSDP2-sharded adapter or student it is collective: every rank calls it as often.
+    """
+    n, size = adapter.config.experts, batch.input_ids.shape[0]
+    prompt_ids, prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
+    input_ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
+    mask = mask.to(device)
+    rows = mask.nonzero()[:, 0]
+    counts = mask.sum(1).clamp_min(1).float()
+    out = torch.zeros(size, n)
+    for expert in range(n):
+        lora = adapter(prompt_ids, prompt_mask, experts=torch.full((size,), expert, dtype=torch.long, device=device))
+        with hyper_lora(student, lora, seq_len=input_ids.shape[1]):
+            hidden = student.model(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+        kl = topk_kl_per_position(
+            hidden[:, :-1][mask],
+            student.get_output_embeddings(),
+            teacher_ids.to(device)[mask],
+            teacher_logprobs.to(device)[mask],
+            temperature=optim.temperature,
+            mode=optim.loss,
+            chunk_size=optim.logits_chunk_positions,
+        )
+        out[:, expert] = (torch.zeros(size, device=kl.device).index_add_(0, rows, kl) / counts).cpu()
+    for module in (adapter, student):  # a forward without backward leaves an FSDP2 root unsharded
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return out
+
+
+def relabel(adapter: RoutedHyperLoRA, scored: Bootstrap, seed: int = 0) -> Routed | None:
+    """Re-routing, once routing is set; collective, every rank passes its own records (``scored``:
+    `expert_losses` rows [B, n] and their prompts). Every scored prompt's label is the expert with
+    its lowest KL; the router (encoder and router) trains on by cross-entropy to those labels,
+    on rank 0, from its current weights, and is scattered to every rank (`route_distributed`'s
+    way). The experts are untouched and the optimizer state stays valid (the encoder and router
+    are frozen, outside it). None when no rank scored a sample (nothing changes)."""
+    if isinstance(adapter, FSDPModule):
+        adapter.reshard()
+    prompts = [p for rank_prompts in all_gather_objects(scored.prompts) for p in rank_prompts]
+    losses = [f for rank_losses in all_gather_objects(scored.features) for f in rank_losses]
+    if not prompts:
+        log.warning("re-routing: no rank scored a sample; the routing stays as it is")
+        return None
+    labels = torch.cat(losses).argmin(1)
+    return _train_router(adapter, prompts, labels, seed)
+
+
+def _train_router(
+    adapter: RoutedHyperLoRA, prompts: list[torch.Tensor], labels: torch.Tensor, seed: int, then=None
+) -> Routed:
+    """Collective: pre-train a `RouterCopy` of the adapter on rank 0 to send ``prompts`` to
+    ``labels`` (every rank passes the same), scatter it into every rank's shards, run ``then``
+    (adapter) on every rank, and check that every rank's forward now sees rank 0's weights."""
+    cfg = adapter.config
+    copy = RouterCopy(adapter)
+    ce = None
+    if rank() == 0:
         ce = pretrain_router(
             copy,
             prompts,
@@ -403,14 +502,15 @@ def route_distributed(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int 
             batch_size=cfg.router_pretrain_batch,
             seed=seed,
         )
-    labels, ce = broadcast_object((labels, ce))
+    ce = broadcast_object(ce)
     copy.copy_into(adapter)
-    set_routing(adapter)
+    if then is not None:
+        then(adapter)
     gathered = RouterCopy(adapter)  # what this rank's forward now sees: its shards all-gathered
     pairs = zip(copy.parameters(), gathered.parameters(), strict=True)
     if rank() == 0 and not all(torch.equal(p, q) for p, q in pairs):
-        raise RuntimeError("route_distributed: the sharded encoder / router differ from the pre-trained copy")
-    return Routed(labels, ce, gathered.experts(prompts, cfg.router_pretrain_batch))
+        raise RuntimeError("routing: the sharded encoder / router differ from the trained copy")
+    return Routed(labels, ce, gathered.experts(prompts, cfg.router_pretrain_batch), prompts)
 
 
 def cluster_labels(features: Sequence[torch.Tensor], cfg, seed: int) -> torch.Tensor:
@@ -430,60 +530,112 @@ class RoutingSchedule:
 
     - ``before_step(step)``, before a step's micro-batches: at step K = ``route_after_steps``
       (or the first step after it that finds routing unset) `route_distributed`; True then, and the
-      trainer builds a fresh optimizer. Sets ``adapter.probe`` while routing is unset.
-    - ``after_backward(batch)``: before routing, `Bootstrap.record` of this rank's samples.
+      trainer builds a fresh optimizer. At step K + ``route_relabel_after`` +
+      ``route_relabel_steps`` (or the first after it), `relabel`. Both are collective. Sets
+      ``adapter.probe`` while routing is unset.
+    - ``after_backward(batch, teacher_ids, teacher_logprobs, mask)``: before routing,
+      `Bootstrap.record` of this rank's samples; in the re-routing window (steps K + R ..
+      K + R + W - 1), `expert_losses` of this micro-batch (collective: every rank runs the same
+      number of micro-batches per step).
     - ``lr_factor(step)``: `rewarm_factor`, on top of the phase's learning rate.
-    - ``state_dict()`` / ``load_state_dict()``: this rank's bootstrap records (tensors and lists of
-      them: the per-rank train state of a checkpoint); routing itself is the adapter's
-      ``routing_set`` buffer and its weights.
+    - ``state_dict()`` / ``load_state_dict()``: this rank's bootstrap and re-routing records and
+      whether re-routing is done (tensors, lists of them and a bool: the per-rank train state of
+      a checkpoint); routing itself is the adapter's ``routing_set`` buffer and its weights.
 
     The encoder and router are frozen from the start: the main optimizer never trains them (their
     gates are 1 until routing is set, so they get no gradient; the pre-training trains a copy), and
     their having no optimizer state before and after the switch alike keeps a checkpoint's
     optimizer state loadable into the freshly built optimizer of a resumed run.
-    The switch is logged and written to ``<run_dir>/routing_rank<r>.json`` (`Routed.record`).
+    The switch and the re-routing are logged and written to ``<run_dir>/routing_rank<r>.json`` and
+    ``<run_dir>/relabel_rank<r>.json`` (`Routed.record`); the last of each is kept in ``events``.
     """
 
-    def __init__(self, adapter: RoutedHyperLoRA, seed: int, run_dir: str | Path):
+    def __init__(
+        self,
+        adapter: RoutedHyperLoRA,
+        seed: int,
+        run_dir: str | Path,
+        *,
+        student: nn.Module,
+        optim,
+        device: torch.device,
+    ):
         self.adapter, self.seed, self.run_dir = adapter, seed, Path(run_dir)
+        self.student, self.optim, self.device = student, optim, device
         self.config = adapter.config
-        self.bootstrap = Bootstrap()
+        self.bootstrap, self.scored, self.relabelled = Bootstrap(), Bootstrap(), False
+        self.events: dict[str, Routed] = {}
+        """``routing`` (the switch) and ``relabel``: what they found, in this process's run."""
+        self.step = 0
         for module in (adapter.encoder, adapter.router):
             module.requires_grad_(False)
 
+    @property
+    def relabel_start(self) -> int:
+        """The first step of the re-routing window."""
+        return self.config.route_after_steps + self.config.route_relabel_after
+
     def before_step(self, step: int) -> bool:
-        """Collective at the switch. True when routing was set now: the caller builds a fresh optimizer."""
-        switch = step >= self.config.route_after_steps and not self.adapter.routed
+        """Collective at the switch and the re-routing. True when routing was set now: the caller
+        builds a fresh optimizer."""
+        cfg, self.step = self.config, step
+        switch = step >= cfg.route_after_steps and not self.adapter.routed
         if switch:
-            routed = route_distributed(self.adapter, self.bootstrap, self.seed)
+            self.events["routing"] = route_distributed(self.adapter, self.bootstrap, self.seed)
             self.bootstrap = Bootstrap()
-            self._publish(routed.record(step, self.config.experts))
+            self._publish("routing", self.events["routing"].record(step, cfg.experts))
+        elif cfg.route_relabel_steps and not self.relabelled and step >= self.relabel_start + cfg.route_relabel_steps:
+            routed = relabel(self.adapter, self.scored, self.seed)
+            self.scored, self.relabelled = Bootstrap(), True
+            if routed is not None:
+                self.events["relabel"] = routed
+                self._publish("relabel", routed.record(step, cfg.experts))
         self.adapter.probe = not self.adapter.routed
         return switch
 
-    def after_backward(self, batch) -> None:
-        """After a micro-batch's backward (``batch``: a `Batch`, with ``prompt_ids`` and ``prompt_mask``):
-        before routing, record its samples while this rank holds fewer than its share of
-        ``route_bootstrap_samples``."""
-        share = -(-self.config.route_bootstrap_samples // world_size())
-        if not self.adapter.routed and len(self.bootstrap.prompts) < share:
-            self.bootstrap.record(self.adapter, batch.prompt_ids, batch.prompt_mask)
+    def after_backward(
+        self, batch, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """After a micro-batch's backward (``batch``: a `Batch`; the teacher tensors as
+        `distill_loss` took them): before routing, record its samples while this rank holds fewer
+        than its share of ``route_bootstrap_samples``; in the re-routing window, score them under
+        every expert."""
+        cfg = self.config
+        share = -(-cfg.route_bootstrap_samples // world_size())
+        if not self.adapter.routed:
+            if len(self.bootstrap) < share:
+                self.bootstrap.record(self.adapter, batch.prompt_ids, batch.prompt_mask)
+        elif self.relabel_start <= self.step < self.relabel_start + cfg.route_relabel_steps and not self.relabelled:
+            losses = expert_losses(
+                self.student, self.adapter, batch, teacher_ids, teacher_logprobs, mask, self.optim, self.device
+            )
+            scored = mask.any(1).cpu()  # a sample with no loss position says nothing of its expert
+            self.scored.add(losses[scored], batch.prompt_ids[scored], batch.prompt_mask[scored])
 
     def lr_factor(self, step: int) -> float:
         return rewarm_factor(step, self.config.route_after_steps, self.config.route_rewarm_steps)
 
-    def state_dict(self) -> dict[str, list[torch.Tensor]]:
-        return {"features": list(self.bootstrap.features), "prompts": list(self.bootstrap.prompts)}
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "features": list(self.bootstrap.features),
+            "prompts": list(self.bootstrap.prompts),
+            "scored_losses": list(self.scored.features),
+            "scored_prompts": list(self.scored.prompts),
+            "relabelled": self.relabelled,
+        }
 
-    def load_state_dict(self, state: dict[str, list[torch.Tensor]] | None) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {}
         self.bootstrap = Bootstrap(list(state.get("features", [])), list(state.get("prompts", [])))
+        self.scored = Bootstrap(list(state.get("scored_losses", [])), list(state.get("scored_prompts", [])))
+        self.relabelled = bool(state.get("relabelled", False))
 
-    def _publish(self, record: dict[str, Any]) -> None:
+    def _publish(self, event: str, record: dict[str, Any]) -> None:
         me = rank()
         if me == 0:
             log.info(
-                "routing set after step %d: %d prompts clustered into %s, routed to %s, router cross-entropy %.4f",
+                "%s after step %d: %d prompts labelled %s, routed to %s, router cross-entropy %.4f",
+                "routing set" if event == "routing" else "re-routed",
                 record["step"],
                 record["prompts"],
                 record["cluster_sizes"],
@@ -491,4 +643,4 @@ class RoutingSchedule:
                 record["router_cross_entropy"],
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / f"routing_rank{me}.json").write_text(json.dumps(record) + "\n")
+        (self.run_dir / f"{event}_rank{me}.json").write_text(json.dumps(record) + "\n")

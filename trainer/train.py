@@ -119,7 +119,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.student.path, cfg.student.chat_template)
         self.student, self.hyper = build_models(cfg, self.dist, self.tokenizer)
         if cfg.hypernetwork.kind == "routed":  # before the optimizer's state is loaded: it freezes encoder + router
-            self.routing = RoutingSchedule(self.hyper, cfg.seed, cfg.run_dir)
+            self.routing = RoutingSchedule(
+                self.hyper, cfg.seed, cfg.run_dir, student=self.student, optim=cfg.optim, device=self.dist.device
+            )
         self.optimizer = build_optimizer(self.hyper, cfg.optim, cfg.phases[0].lr)
         self.teacher = connect_teacher(cfg.teacher)
         self.teacher.start(self.student.config.vocab_size, tokenizer_fingerprint(self.tokenizer))
@@ -245,7 +247,7 @@ class Trainer:
             # FSDP averages gradients over ranks; the loss is already a global mean.
             (loss * world).backward()
             if self.routing is not None:
-                self.routing.after_backward(micro.batch)
+                self.routing.after_backward(micro.batch, ids, logprobs, mask)
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.hyper.parameters(), self.config.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)

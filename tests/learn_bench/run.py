@@ -36,9 +36,9 @@ from hyperdistill.common.log import setup_logging
 from hyperdistill.trainer.config import TrainerConfig
 from hyperdistill.trainer.data.sampler import collate, teacher_tensors
 from hyperdistill.trainer.eval import HeldOut, evaluate_arms, swap_partners
-from hyperdistill.trainer.hypernetwork import build_hyper_lora
+from hyperdistill.trainer.hypernetwork import KINDS, build_hyper_lora
 from hyperdistill.trainer.lora import GeneratedLoRA, LoRAWeights
-from hyperdistill.trainer.routing import Bootstrap, purity, rewarm_factor, route
+from hyperdistill.trainer.routing import RoutingSchedule, purity
 from hyperdistill.trainer.train import build_optimizer, distill_loss, phase_lr
 from tests.learn_bench import task
 from tests.learn_bench.scored import ScoredSet, load_scored
@@ -52,29 +52,27 @@ EVAL_BATCH = 16
 
 
 def train_arm(
-    cfg: TrainerConfig, student: nn.Module, data: ScoredSet, steps: int, batch_size: int, seed: int
+    cfg: TrainerConfig, student: nn.Module, data: ScoredSet, steps: int, batch_size: int, seed: int, run_dir: Path
 ) -> tuple[nn.Module, list[float]]:
     """Train one adapter (``cfg.hypernetwork.kind``) on `data.train`; returns it and the loss curve.
 
-    ``kind: routed`` runs `trainer.routing`'s schedule: bootstrap with the probe for
-    ``route_after_steps`` steps, then (before step K) `route`, a fresh optimizer and the re-warm."""
+    ``kind: routed`` runs the Trainer's own schedule (`trainer.routing.RoutingSchedule`, its
+    records under ``run_dir``): the bootstrap with the probe for ``route_after_steps`` steps, the
+    switch (then a fresh optimizer) and the re-warm, the re-routing window and the re-routing;
+    the schedule is kept as the adapter's ``schedule`` (read by `diagnose`)."""
     torch.manual_seed(seed)
     hp = cfg.hypernetwork
     adapter = build_hyper_lora(hp, student)
     phase = cfg.phases[0]
     optimizer = build_optimizer(adapter, cfg.optim, phase.lr)
     order = random.Random(seed).sample(range(len(data.train)), len(data.train))
-    routed = hp.kind == "routed"
-    bootstrap = Bootstrap() if routed else None
-    if routed:
-        adapter.probe = True
+    schedule = None
+    if hp.kind == "routed":
+        schedule = RoutingSchedule(adapter, seed, run_dir, student=student, optim=cfg.optim, device=torch.device("cpu"))
+        adapter.schedule = schedule
     losses = []
     for step in range(steps):
-        if routed and step == hp.route_after_steps:
-            labels = route(adapter, bootstrap, seed=seed)
-            families = [data.train[order[i % len(order)]]["family"] for i in range(len(labels))]
-            adapter.bootstrap_purity = purity(families, labels.tolist(), hp.experts)  # read by `diagnose`
-            log.info("routed: the bootstrap's clusters have purity %.3f over the families", adapter.bootstrap_purity)
+        if schedule is not None and schedule.before_step(step):
             optimizer = build_optimizer(adapter, cfg.optim, phase.lr)
         rows = [data.train[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
         batch = collate(rows, PAD_ID)
@@ -83,12 +81,10 @@ def train_arm(
             student, adapter, batch, ids, logprobs, mask, float(mask.sum()), cfg.optim, torch.device("cpu")
         )
         loss.backward()
-        if routed and not adapter.routed:
-            bootstrap.record(adapter, batch.prompt_ids, batch.prompt_mask)
+        if schedule is not None:
+            schedule.after_backward(batch, ids, logprobs, mask)
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.grad_clip)
-        lr = phase_lr(phase, step, steps)
-        if routed:
-            lr *= rewarm_factor(step, hp.route_after_steps, hp.route_rewarm_steps)
+        lr = phase_lr(phase, step, steps) * (schedule.lr_factor(step) if schedule is not None else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         optimizer.step()
@@ -169,7 +165,12 @@ def diagnose(adapter: nn.Module, data: ScoredSet) -> dict:
     out = {"context_family_share": round(share, 4), "delta_alignment": round(float(np.mean(cosines)), 4)}
     if getattr(adapter, "routed", False):  # kind routed: which expert each held-out prompt gets
         experts = adapter.experts(batch.prompt_ids, batch.prompt_mask).tolist()
-        out["bootstrap_cluster_purity"] = round(getattr(adapter, "bootstrap_purity", float("nan")), 4)
+        family = {tuple(e["prompt_ids"].tolist()): e["family"] for e in data.train}
+        for event, name in (("routing", "bootstrap_cluster_purity"), ("relabel", "relabel_purity")):
+            found = adapter.schedule.events.get(event)
+            if found is not None:  # the purity of the labels the router was trained on
+                groups = [family[tuple(p.tolist())] for p in found.prompts]
+                out[name] = round(purity(groups, found.labels.tolist(), adapter.config.experts), 4)
         out["routing_purity"] = round(purity(families.tolist(), experts, adapter.config.experts), 4)
         out["experts_by_family"] = [
             torch.bincount(torch.tensor(experts)[families == c], minlength=adapter.config.experts).tolist()
@@ -197,23 +198,35 @@ def report(results: dict[str, dict], meta: dict) -> str:
             f"{(m['gap_closed'] if m['gap_closed'] is not None else 0.0):.1%} |"
             for arm, m in arms.items()
         ]
-        lines += ["", f"hypernetwork diagnostics: {arms['generated'].get('diagnostics')}"]
-        if "routed" in arms:
-            lines += ["", f"routed diagnostics: {arms['routed'].get('diagnostics')}"]
+        lines += ["", f"generated ({meta['generated']}) diagnostics: {arms['generated'].get('diagnostics')}"]
+        for kind in ("routed", "hyper"):
+            if kind in arms:
+                lines += ["", f"{kind} diagnostics: {arms[kind].get('diagnostics')}"]
         lines += [""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per arm (two passes over --n-train)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per arm (2.7 passes over --n-train)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
     parser.add_argument("--n-train", type=int, default=1200, help="training samples per variant (scored once)")
     parser.add_argument("--n-eval", type=int, default=64, help="held-out samples per variant")
     parser.add_argument("--variants", nargs="+", default=list(task.VARIANTS), choices=task.VARIANTS)
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["routed", "static"],
+        choices=KINDS,
+        help="hypernetwork kinds to train; the generated / prompt_swap arms are the first of routed, hyper "
+        "given, the other's rows are <kind> and <kind>_prompt_swap",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/learn-bench"))
     parser.add_argument("overrides", nargs="*", help="trainer config overrides (hypernetwork.*, optim.*)")
     args = parser.parse_args()
+    hypernetworks = [kind for kind in ("routed", "hyper") if kind in args.kinds]
+    if not hypernetworks:
+        parser.error("--kinds needs routed or hyper (the generated arm)")
     setup_logging()
     torch.set_num_threads(2)
     started = time.monotonic()
@@ -221,21 +234,25 @@ def main() -> None:
     scored_s = time.monotonic() - started
     results = {}
     for variant in args.variants:
-        data, arms = sets[variant], {}
-        for kind, arm in (("hyper", "generated"), ("static", "static"), ("routed", "routed")):
+        data, trained = sets[variant], {}
+        for kind in dict.fromkeys(args.kinds):
             cfg = load_config(TrainerConfig, CONFIG, overrides=[*args.overrides, f"hypernetwork.kind={kind}"])
             student = load_student_for(cfg)
-            arms[arm], _ = train_arm(cfg, student, data, args.steps, args.batch_size, cfg.seed)
-        routed = arms.pop("routed")
+            run_dir = args.out / f"{variant}-{kind}"
+            trained[kind], _ = train_arm(cfg, student, data, args.steps, args.batch_size, cfg.seed, run_dir)
+        main_kind, *others = hypernetworks
+        arms = {"generated": trained[main_kind]} | ({"static": trained["static"]} if "static" in trained else {})
         results[variant] = evaluate(cfg, student, data, arms)
-        by_routed = evaluate(cfg, student, data, {"generated": routed}, oracle=False)
-        results[variant]["routed"] = by_routed["generated"]
-        results[variant]["routed_prompt_swap"] = by_routed["prompt_swap"]
-        results[variant]["generated"]["diagnostics"] = diagnose(arms["generated"], data)
-        results[variant]["routed"]["diagnostics"] = diagnose(routed, data)
+        results[variant]["generated"]["diagnostics"] = diagnose(trained[main_kind], data)
+        for kind in others:
+            extra = evaluate(cfg, student, data, {"generated": trained[kind]}, oracle=False)
+            results[variant][kind] = extra["generated"] | {"diagnostics": diagnose(trained[kind], data)}
+            results[variant][f"{kind}_prompt_swap"] = extra["prompt_swap"]
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{variant}.json").write_text(json.dumps(results[variant], indent=2) + "\n")
     meta = {
+        "generated": main_kind,
+        "kinds": args.kinds,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "n_train": args.n_train,
