@@ -37,6 +37,7 @@ ROUTED = (
     f"hypernetwork.route_after_steps={K}",
     "hypernetwork.route_relabel_after=1",
     "hypernetwork.route_relabel_steps=1",
+    "hypernetwork.route_relabel_rounds=1",
     f"hypernetwork.route_rewarm_steps={REWARM}",
     "hypernetwork.router_pretrain_steps=5",
     "hypernetwork.router_pretrain_batch=4",
@@ -130,13 +131,13 @@ def test_bootstrap_records_are_checkpointed_per_rank(baseline):
         assert len(features) == 1 and features[0].shape[0] == 2  # one micro-batch of 2 sequences
         assert torch.isfinite(features[0]).all() and features[0].abs().sum() > 0  # a real gradient
         after = read_train_state(baseline / "checkpoints" / f"step_{K + 1:06d}", rank)["routing"]
-        assert after["features"] == after["prompts"] == [] and not after["relabelled"]
+        assert after["features"] == after["prompts"] == [] and after["relabels"] == 0
         # The re-routing window's scores (step RELABEL: 2 samples x 4 experts), then cleared.
         window = read_train_state(baseline / "checkpoints" / f"step_{RELABEL:06d}", rank)["routing"]
         assert [t.shape for t in window["scored_losses"]] == [(2, 4)] and len(window["scored_prompts"]) == 2
-        assert torch.isfinite(window["scored_losses"][0]).all() and not window["relabelled"]
+        assert torch.isfinite(window["scored_losses"][0]).all() and window["relabels"] == 0
         done = read_train_state(baseline / "checkpoints" / f"step_{RELABEL + 1:06d}", rank)["routing"]
-        assert done["relabelled"] and done["scored_losses"] == []
+        assert done["relabels"] == 1 and done["scored_losses"] == []
     first = [read_train_state(baseline / "checkpoints" / "step_000001", r)["routing"]["features"][0] for r in (0, 1)]
     assert not torch.equal(first[0], first[1])  # each rank records its own samples
 

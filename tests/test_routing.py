@@ -71,7 +71,7 @@ def randomise_bank(adapter, seed: int = 1) -> None:
             b.copy_(0.05 * torch.randn(b.shape, generator=gen))
 
 
-EMPTY_STATE = {"features": [], "prompts": [], "scored_losses": [], "scored_prompts": [], "relabelled": False}
+EMPTY_STATE = {"features": [], "prompts": [], "scored_losses": [], "scored_prompts": [], "relabels": 0}
 
 
 def schedule_for(adapter, student, run_dir) -> RoutingSchedule:
@@ -386,7 +386,9 @@ def test_relabel_trains_the_router_to_each_prompts_lowest_loss_expert(student):
     losses[torch.arange(64), groups] = 0.5
     scored = Bootstrap()
     scored.add(losses, torch.stack(train), torch.ones(64, 7, dtype=torch.bool))
+    rng = torch.random.get_rng_state()
     found = relabel(adapter, scored, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the fresh router is drawn aside
     assert torch.equal(found.labels, groups) and len(found.prompts) == 64
     assert float((found.experts == groups).float().mean()) >= 0.9
     held_out, truth = separable_prompts(32, seed=1)
@@ -398,13 +400,17 @@ def test_relabel_trains_the_router_to_each_prompts_lowest_loss_expert(student):
     assert relabel(adapter, Bootstrap()) is None
 
 
-def test_schedule_rerouting_window_scores_then_relabels(student, tmp_path):
-    """K = 1, re-routing window steps 2-3, re-routing before step 4; records checkpointable."""
-    adapter = routed_adapter(student, route_after_steps=1, route_relabel_after=1, route_relabel_steps=2)
+def test_schedule_rerouting_windows_score_then_relabel(student, tmp_path):
+    """K = 1, R = 1, W = 2, two rounds: windows at steps 2-3 and 5-6, re-routings before steps 4 and 7;
+    the records are checkpointable."""
+    adapter = routed_adapter(
+        student, route_after_steps=1, route_relabel_after=1, route_relabel_steps=2, route_relabel_rounds=2
+    )
     schedule = schedule_for(adapter, student, tmp_path)
+    assert schedule.relabel_window() == range(2, 4)
     experts = torch.tensor([0, 1, 2, 3])
     held = []
-    for step in range(6):
+    for step in range(9):
         switched = schedule.before_step(step)
         assert switched == (step == 1)
         if step == 2:
@@ -416,12 +422,16 @@ def test_schedule_rerouting_window_scores_then_relabels(student, tmp_path):
         held.append(len(schedule.scored))
         if step == 3:
             state = schedule.state_dict()
-            assert len(state["scored_losses"]) == 2 and not state["relabelled"]
+            assert len(state["scored_losses"]) == 2 and state["relabels"] == 0
             schedule.load_state_dict(None)
             schedule.load_state_dict(state)
-    assert held == [0, 0, 4, 8, 0, 0]  # scored in the window only; cleared by the re-routing
-    assert schedule.relabelled and schedule.state_dict()["relabelled"]
+        if step == 4:
+            assert schedule.relabels == 1 and schedule.relabel_window() == range(5, 7)
+            first = json.loads((tmp_path / "relabel_rank0.json").read_text())
+    assert held == [0, 0, 4, 8, 0, 4, 8, 0, 0]  # scored in the windows only; cleared by each re-routing
+    assert schedule.relabels == 2 and schedule.state_dict()["relabels"] == 2 and schedule.relabel_window() is None
     # The lowest KL is where each sample's teacher is: experts 0..3 in every scored batch.
     assert torch.equal(schedule.events["relabel"].labels, experts.repeat(2))
+    assert first["step"] == 4 and first["round"] == 1 and first["cluster_sizes"] == [2, 2, 2, 2]
     record = json.loads((tmp_path / "relabel_rank0.json").read_text())
-    assert record["step"] == 4 and record["cluster_sizes"] == [2, 2, 2, 2] and record["prompts"] == 8
+    assert record["step"] == 7 and record["round"] == 2 and record["prompts"] == 8

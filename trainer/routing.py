@@ -11,7 +11,8 @@
     steps K+R..K+R+W-1  the re-routing window (R = ``route_relabel_after``, W =
                   ``route_relabel_steps``): each sample is also scored under every expert
                   (`expert_losses`, no-grad forwards)
-    step K+R+W    `relabel`: the router trains on, to send each scored prompt to its lowest-KL expert
+    step K+R+W    `relabel`: a fresh router learns to send each scored prompt to its lowest-KL expert;
+                  then again R steps later, ``route_relabel_rounds`` rounds in all
 
 `route` runs step K on a plain module (the learn-bench, tests/learn_bench/run.py). Why probe
 gradients: dL_b / dP (P an extra rank-r B added to the bank's A) is the direction in which sample
@@ -308,11 +309,13 @@ class Bootstrap:
 
 
 def route(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int = 0) -> torch.Tensor:
-    """Step K: cluster the bootstrap's probe gradients, pre-train the router on the labels, set
-    routing (the caller then rebuilds its optimizer). Returns the cluster labels [N]."""
+    """Step K on a plain adapter, from this process's records alone (no collective, also inside
+    a process group): cluster the bootstrap's probe gradients, pre-train the router on the
+    labels, set routing (the caller then rebuilds its optimizer). Returns the cluster labels [N].
+    What `route_distributed` gives on one process, and what tests compare it with."""
     cfg = adapter.config
     labels = cluster_labels(bootstrap.features, cfg, seed)
-    ce = pretrain_router(
+    pretrain_router(
         adapter,
         bootstrap.prompts,
         labels,
@@ -322,13 +325,16 @@ def route(adapter: RoutedHyperLoRA, bootstrap: Bootstrap, seed: int = 0) -> torc
         seed=seed,
     )
     set_routing(adapter)
-    log.info(
-        "routing set: %d prompts clustered into %s, router cross-entropy %.4f",
-        len(labels),
-        labels.bincount(minlength=cfg.experts).tolist(),
-        ce,
-    )
     return labels
+
+
+def new_router(config) -> nn.Linear:
+    """The router of a routed adapter (`HyperLoRAConfig` ``config``): a linear map of the context
+    to the experts, weight N(0, 0.1), bias 0."""
+    router = nn.Linear(config.encoder_dim, config.experts)
+    nn.init.normal_(router.weight, std=0.1)
+    nn.init.zeros_(router.bias)
+    return router
 
 
 # ---- the distributed Trainer (FSDP2) ---------------------------------------------------------------
@@ -339,7 +345,7 @@ class RouterCopy(nn.Module):
 
     def __init__(self, adapter: RoutedHyperLoRA):
         super().__init__()
-        cfg = adapter.config
+        self.config = cfg = adapter.config
         with torch.device("meta"):  # no initialisation, no draw from the run's random stream
             self.encoder = type(adapter.encoder)(cfg, adapter.encoder._embed)  # a PromptEncoder
             self.router = nn.Linear(cfg.encoder_dim, cfg.experts)
@@ -348,6 +354,17 @@ class RouterCopy(nn.Module):
             for name, param in self.named_parameters():
                 source = adapter.get_parameter(name)
                 param.copy_(source.full_tensor() if isinstance(source, DTensor) else source)
+
+    def reinitialise(self, seed: int) -> None:
+        """Fresh weights, initialised as the adapter initialises its encoder and router, drawn
+        from the CPU generator seeded by ``seed`` inside `torch.random.fork_rng` (the run's own
+        random stream is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = type(self.encoder)(self.config, self.encoder._embed)
+            router = new_router(self.config)
+        self.encoder.load_state_dict(encoder.state_dict())
+        self.router.load_state_dict(router.state_dict())
 
     def logits(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Router logits float32 [B, n], as `RoutedHyperLoRA.logits`."""
@@ -468,10 +485,11 @@ def expert_losses(
 def relabel(adapter: RoutedHyperLoRA, scored: Bootstrap, seed: int = 0) -> Routed | None:
     """Re-routing, once routing is set; collective, every rank passes its own records (``scored``:
     `expert_losses` rows [B, n] and their prompts). Every scored prompt's label is the expert with
-    its lowest KL; the router (encoder and router) trains on by cross-entropy to those labels,
-    on rank 0, from its current weights, and is scattered to every rank (`route_distributed`'s
-    way). The experts are untouched and the optimizer state stays valid (the encoder and router
-    are frozen, outside it). None when no rank scored a sample (nothing changes)."""
+    its lowest KL; a fresh encoder and router (`RouterCopy.reinitialise`) train by cross-entropy
+    on those labels, on rank 0, and are scattered to every rank (`route_distributed`'s way). Fresh,
+    not the switch's: a router that first learnt the clusters' errors keeps some of them. The
+    experts are untouched and the optimizer state stays valid (the encoder and router are frozen,
+    outside it). None when no rank scored a sample (nothing changes)."""
     if isinstance(adapter, FSDPModule):
         adapter.reshard()
     prompts = [p for rank_prompts in all_gather_objects(scored.prompts) for p in rank_prompts]
@@ -480,19 +498,27 @@ def relabel(adapter: RoutedHyperLoRA, scored: Bootstrap, seed: int = 0) -> Route
         log.warning("re-routing: no rank scored a sample; the routing stays as it is")
         return None
     labels = torch.cat(losses).argmin(1)
-    return _train_router(adapter, prompts, labels, seed)
+    return _train_router(adapter, prompts, labels, seed, fresh=True)
 
 
 def _train_router(
-    adapter: RoutedHyperLoRA, prompts: list[torch.Tensor], labels: torch.Tensor, seed: int, then=None
+    adapter: RoutedHyperLoRA,
+    prompts: list[torch.Tensor],
+    labels: torch.Tensor,
+    seed: int,
+    then=None,
+    fresh: bool = False,
 ) -> Routed:
-    """Collective: pre-train a `RouterCopy` of the adapter on rank 0 to send ``prompts`` to
-    ``labels`` (every rank passes the same), scatter it into every rank's shards, run ``then``
-    (adapter) on every rank, and check that every rank's forward now sees rank 0's weights."""
+    """Collective: pre-train a `RouterCopy` of the adapter (``fresh``: re-initialised, seeded by
+    ``seed``) on rank 0 to send ``prompts`` to ``labels`` (every rank passes the same), scatter it
+    into every rank's shards, run ``then`` (adapter) on every rank, and check that every rank's
+    forward now sees rank 0's weights."""
     cfg = adapter.config
     copy = RouterCopy(adapter)
     ce = None
     if rank() == 0:
+        if fresh:
+            copy.reinitialise(seed)
         ce = pretrain_router(
             copy,
             prompts,
@@ -530,8 +556,8 @@ class RoutingSchedule:
 
     - ``before_step(step)``, before a step's micro-batches: at step K = ``route_after_steps``
       (or the first step after it that finds routing unset) `route_distributed`; True then, and the
-      trainer builds a fresh optimizer. At step K + ``route_relabel_after`` +
-      ``route_relabel_steps`` (or the first after it), `relabel`. Both are collective. Sets
+      trainer builds a fresh optimizer. At the end of each re-routing window (`relabel_window`;
+      or the first step after it), `relabel`. Both are collective. Sets
       ``adapter.probe`` while routing is unset.
     - ``after_backward(batch, teacher_ids, teacher_logprobs, mask)``: before routing,
       `Bootstrap.record` of this rank's samples; in the re-routing window (steps K + R ..
@@ -563,33 +589,39 @@ class RoutingSchedule:
         self.adapter, self.seed, self.run_dir = adapter, seed, Path(run_dir)
         self.student, self.optim, self.device = student, optim, device
         self.config = adapter.config
-        self.bootstrap, self.scored, self.relabelled = Bootstrap(), Bootstrap(), False
+        self.bootstrap, self.scored, self.relabels = Bootstrap(), Bootstrap(), 0
         self.events: dict[str, Routed] = {}
-        """``routing`` (the switch) and ``relabel``: what they found, in this process's run."""
+        """``routing`` (the switch) and ``relabel`` (the last re-routing): what they found, in
+        this process's run."""
         self.step = 0
         for module in (adapter.encoder, adapter.router):
             module.requires_grad_(False)
 
-    @property
-    def relabel_start(self) -> int:
-        """The first step of the re-routing window."""
-        return self.config.route_after_steps + self.config.route_relabel_after
+    def relabel_window(self) -> range | None:
+        """The steps of the next re-routing round's window (it re-routes at its end), or None when
+        every round is done or re-routing is off."""
+        cfg, done = self.config, self.relabels
+        if not cfg.route_relabel_steps or done >= cfg.route_relabel_rounds:
+            return None
+        start = cfg.route_after_steps + (done + 1) * cfg.route_relabel_after + done * cfg.route_relabel_steps
+        return range(start, start + cfg.route_relabel_steps)
 
     def before_step(self, step: int) -> bool:
-        """Collective at the switch and the re-routing. True when routing was set now: the caller
+        """Collective at the switch and the re-routings. True when routing was set now: the caller
         builds a fresh optimizer."""
         cfg, self.step = self.config, step
         switch = step >= cfg.route_after_steps and not self.adapter.routed
+        window = self.relabel_window()
         if switch:
             self.events["routing"] = route_distributed(self.adapter, self.bootstrap, self.seed)
             self.bootstrap = Bootstrap()
             self._publish("routing", self.events["routing"].record(step, cfg.experts))
-        elif cfg.route_relabel_steps and not self.relabelled and step >= self.relabel_start + cfg.route_relabel_steps:
-            routed = relabel(self.adapter, self.scored, self.seed)
-            self.scored, self.relabelled = Bootstrap(), True
+        elif window is not None and step >= window.stop:
+            routed = relabel(self.adapter, self.scored, self.seed + self.relabels)
+            self.scored, self.relabels = Bootstrap(), self.relabels + 1
             if routed is not None:
                 self.events["relabel"] = routed
-                self._publish("relabel", routed.record(step, cfg.experts))
+                self._publish("relabel", routed.record(step, cfg.experts) | {"round": self.relabels})
         self.adapter.probe = not self.adapter.routed
         return switch
 
@@ -598,14 +630,15 @@ class RoutingSchedule:
     ) -> None:
         """After a micro-batch's backward (``batch``: a `Batch`; the teacher tensors as
         `distill_loss` took them): before routing, record its samples while this rank holds fewer
-        than its share of ``route_bootstrap_samples``; in the re-routing window, score them under
+        than its share of ``route_bootstrap_samples``; in a re-routing window, score them under
         every expert."""
         cfg = self.config
         share = -(-cfg.route_bootstrap_samples // world_size())
+        window = self.relabel_window()
         if not self.adapter.routed:
             if len(self.bootstrap) < share:
                 self.bootstrap.record(self.adapter, batch.prompt_ids, batch.prompt_mask)
-        elif self.relabel_start <= self.step < self.relabel_start + cfg.route_relabel_steps and not self.relabelled:
+        elif window is not None and self.step in window:
             losses = expert_losses(
                 self.student, self.adapter, batch, teacher_ids, teacher_logprobs, mask, self.optim, self.device
             )
@@ -621,14 +654,14 @@ class RoutingSchedule:
             "prompts": list(self.bootstrap.prompts),
             "scored_losses": list(self.scored.features),
             "scored_prompts": list(self.scored.prompts),
-            "relabelled": self.relabelled,
+            "relabels": self.relabels,
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {}
         self.bootstrap = Bootstrap(list(state.get("features", [])), list(state.get("prompts", [])))
         self.scored = Bootstrap(list(state.get("scored_losses", [])), list(state.get("scored_prompts", [])))
-        self.relabelled = bool(state.get("relabelled", False))
+        self.relabels = int(state.get("relabels", 0))
 
     def _publish(self, event: str, record: dict[str, Any]) -> None:
         me = rank()

@@ -208,7 +208,7 @@ def report(results: dict[str, dict], meta: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per arm (2.7 passes over --n-train)")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per arm (3.3 passes over --n-train)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
     parser.add_argument("--n-train", type=int, default=1200, help="training samples per variant (scored once)")
     parser.add_argument("--n-eval", type=int, default=64, help="held-out samples per variant")
