@@ -55,7 +55,7 @@ teacher-demo: setup proto models ## only the teacher: score sample sequences, pr
 bench: setup proto models ## benchmarks P1-P6 (issue 7) and P7 (issue 15: the teacher cache), ~17 min: runs/bench/report.md and report.json
 	$(PY) -m tests.bench.run --out runs/bench
 
-learn-bench: setup proto models ## hypernetwork vs static LoRA vs routed experts vs oracle on 4 instruction families with known teachers (issue 12), ~17 min (+5-15 min the first time: teachers, scoring): runs/learn-bench/report.md
+learn-bench: setup proto models ## routed hypernetwork vs static LoRA vs oracle on 4 instruction families with known teachers (issue 12), ~20 min (+5-15 min the first time: teachers, scoring): runs/learn-bench/report.md
 	$(PY) -m tests.learn_bench.run --out runs/learn-bench
 
 chaos: setup proto models ## reliability suite R1-R5: bad input, teacher kills, trainer kills, load, SIGTERM (issue 11), ~30 min: tables of counts

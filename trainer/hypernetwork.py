@@ -41,12 +41,16 @@ bank trains as a static LoRA while a zero per-sample probe (an extra B on the ba
 each sample's gradient dL_b / dB_b, the direction its own LoRA would move; at step K those
 gradients are clustered (balanced spherical k-means, n groups), the encoder and router are
 pre-trained by cross-entropy to route each prompt to its cluster, then frozen; B is zeroed and
-the experts train on with hard routing. On learn-bench (300 steps, batch 8, lr 1e-2) it closes
-74.4% of the KL gap (instructions) and 75.2% (content-words) where ``kind: hyper`` closes 12.7%
-/ 12.2% and a static LoRA 12.6% / 12.7%; its prompt swap is -19.7% / -17.6% (the LoRA is the
-prompt's), and held-out paraphrases are routed to their family's expert 98.4% / 100% of the time
-(the research runs, which switched before rather than after step K-1's update, closed 66.9% /
-69.5%). Its rows in the learn-bench report are ``routed`` and ``routed_prompt_swap``. What
+the experts train on with hard routing. Then the routing is corrected from the experts
+themselves (`trainer.routing.relabel`, ``route_relabel_*``): after R more steps, for W steps every
+sample is also scored under every expert, and a fresh encoder and router learn to send each
+scored prompt to its lowest-KL expert; twice. On learn-bench (500 steps, batch 8, lr 1e-2) it
+closes 90.2% / 90.5% of the KL gap (instructions / content-words) where a static LoRA closes
+12.7% / 13.3%; its prompt swap is -25.7% / -27.1% (the LoRA is the prompt's), and 100% / 98.4%
+of held-out paraphrases are routed to their family's expert. Without the re-routing the bootstrap's clusters
+(87-90% pure) leave 3-12% of held-out prompts with another family's expert, and each such prompt
+costs about what a prompt swap does: 60-74% over seeds at 300 steps. Its rows in the learn-bench
+report are ``generated`` and ``prompt_swap``. What
 failed before it (issue 12's experiments): soft (softmax) gates, hard routing learned through
 the loss (Sinkhorn-balanced assignment; Switch-style top-1 with a load-balancing term: 6.5%,
 every held-out prompt routed to the same expert) and router targets from the per-sample
@@ -59,6 +63,9 @@ LoRA_c. The distributed `Trainer` runs the same schedule on the FSDP2-sharded ad
 
 Cost: per target r * (in + out) bank parameters (a static LoRA's) and n generated gates per
 prompt; the per-sample factors A_b [B, r, in] are what `hyper_lora` applies, as before.
+``kind: routed`` adds, per re-routing round, W steps with n extra no-grad forwards of each
+micro-batch (2 rounds x 40 steps x 4 experts: about what 107 training steps cost, at a forward
+~1/3 of a training step), and the switch's 512 probe gradients on rank 0 (`trainer.routing`).
 `python -m hyperdistill.trainer.param_table` prints the counts for the real student.
 
 Initialisation: B = 0 exactly, so the student's outputs are unchanged bit for bit at step 0.

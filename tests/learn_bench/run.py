@@ -1,17 +1,20 @@
 """``make learn-bench``: does a per-prompt hypernetwork beat one static LoRA where the answer is known?
 
 For each prompt variant (`task.VARIANTS`), the samples scored by their family's teacher through
-the teacher service (`scored.load_scored`) train three arms through the trainer's own pieces
-(`build_hyper_lora`, `distill_loss`, `build_optimizer`, `phase_lr`): ``hypernetwork.kind: hyper``,
-``kind: routed`` (with its bootstrap / cluster / router pre-training schedule, `trainer.routing`)
-and ``kind: static``, same rank, data order, steps and schedule. They are then evaluated on
-held-out paraphrases by the trainer's evaluation (`trainer.eval.evaluate_arms`): no LoRA, the
-generated LoRA, the prompt swap (each sample gets the LoRA of another sample's prompt), the
-routed LoRA and its prompt swap, the static LoRA, and the oracle (the family's true LoRA_c).
-Writes ``<out>/<variant>.json`` (one object per arm with ``gap_closed`` = 1 - KL_arm / KL_none),
-``<out>/report.md`` and prints it.
+the teacher service (`scored.load_scored`) train the arms through the trainer's own pieces
+(`build_hyper_lora`, `distill_loss`, `build_optimizer`, `phase_lr`, and for ``kind: routed`` the
+Trainer's `trainer.routing.RoutingSchedule`: bootstrap, clustering, router pre-training, switch,
+re-routing rounds): ``hypernetwork.kind: routed`` and ``kind: static`` by default (``--kinds``;
+``kind: hyper``, the gated hypernetwork, on request), same rank, data order, steps and schedule.
+They are then evaluated on held-out paraphrases by the trainer's evaluation
+(`trainer.eval.evaluate_arms`): no LoRA, the generated LoRA (of the first of routed, hyper
+trained), the prompt swap (each sample gets the LoRA of another sample's prompt), the static
+LoRA, the oracle (the family's true LoRA_c), and for the other hypernetwork kind its rows
+``<kind>`` and ``<kind>_prompt_swap``. Writes ``<out>/<variant>.json`` (one object per arm with
+``gap_closed`` = 1 - KL_arm / KL_none), ``<out>/report.md`` and prints it; the routed arm's
+switch and re-routing records go to ``<out>/<variant>-routed/``.
 
-    python -m tests.learn_bench.run [--steps N] [--n-train N] [--out runs/learn-bench] [key=value ...]
+    python -m tests.learn_bench.run [--steps N] [--kinds routed static hyper] [--out runs/learn-bench] [key=value ...]
 
 Overrides are trainer config fields (``hypernetwork.*``, ``optim.*``) applied to every arm.
 """
