@@ -560,20 +560,21 @@ class RoutingSchedule:
       or the first step after it), `relabel`. Both are collective. Sets
       ``adapter.probe`` while routing is unset.
     - ``after_backward(batch, teacher_ids, teacher_logprobs, mask)``: before routing,
-      `Bootstrap.record` of this rank's samples; in the re-routing window (steps K + R ..
-      K + R + W - 1), `expert_losses` of this micro-batch (collective: every rank runs the same
-      number of micro-batches per step).
+      `Bootstrap.record` of this rank's samples; in a re-routing window (`relabel_window`: round i
+      scores steps K + (i + 1) R + i W .. K + (i + 1)(R + W) - 1), `expert_losses` of this
+      micro-batch (collective: every rank runs the same number of micro-batches per step).
     - ``lr_factor(step)``: `rewarm_factor`, on top of the phase's learning rate.
     - ``state_dict()`` / ``load_state_dict()``: this rank's bootstrap and re-routing records and
-      whether re-routing is done (tensors, lists of them and a bool: the per-rank train state of
-      a checkpoint); routing itself is the adapter's ``routing_set`` buffer and its weights.
+      the number of re-routing rounds done (lists of tensors and an int: the per-rank train state
+      of a checkpoint); routing itself is the adapter's ``routing_set`` buffer and its weights.
 
     The encoder and router are frozen from the start: the main optimizer never trains them (their
     gates are 1 until routing is set, so they get no gradient; the pre-training trains a copy), and
     their having no optimizer state before and after the switch alike keeps a checkpoint's
     optimizer state loadable into the freshly built optimizer of a resumed run.
-    The switch and the re-routing are logged and written to ``<run_dir>/routing_rank<r>.json`` and
-    ``<run_dir>/relabel_rank<r>.json`` (`Routed.record`); the last of each is kept in ``events``.
+    The switch and each re-routing are logged and written to ``<run_dir>/routing_rank<r>.json`` and
+    ``<run_dir>/relabel_rank<r>.json`` (`Routed.record`, the latter with its ``round``, overwritten
+    by the next round); the last of each is kept in ``events``.
     """
 
     def __init__(
